@@ -1,0 +1,328 @@
+//! Typed configuration from the environment (and flags). Every option names its variable
+//! and default in `--help`; [`validate`](BackendConfig::validate) checks cross-field rules
+//! with messages that name the variable. Secrets are `SecretString`s: never in Debug output.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::telemetry::LogFormat;
+
+/// A configuration error naming the variable and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {problem}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub problem: String,
+}
+
+fn bad(var: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError { var, problem: problem.into() }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BrokerKind {
+    /// In-process broker (dev mode, tests): nothing survives the process.
+    Memory,
+    /// RabbitMQ quorum queues with publisher confirms.
+    Rabbitmq,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// In-process store (dev mode, tests).
+    Memory,
+    /// Redis.
+    Redis,
+}
+
+/// Logging options shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct LogConfig {
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, env = "CALLFLEET_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "CALLFLEET_LOG", default_value = "info", global = true)]
+    pub log: String,
+}
+
+/// Broker and store selection and connection settings.
+#[derive(Debug, Clone, Args)]
+pub struct BackendConfig {
+    /// Broker adapter (default: memory for `dev`, rabbitmq otherwise).
+    #[arg(long, env = "CALLFLEET_BROKER", value_enum)]
+    pub broker: Option<BrokerKind>,
+    /// Store adapter (default: memory for `dev`, redis otherwise).
+    #[arg(long, env = "CALLFLEET_STORE", value_enum)]
+    pub store: Option<StoreKind>,
+    /// AMQP URL of RabbitMQ (may hold a password; never logged).
+    #[arg(long, env = "CALLFLEET_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_default_value = false)]
+    pub amqp_url: SecretString,
+    /// Redis URL (may hold a password; never logged).
+    #[arg(long, env = "CALLFLEET_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: SecretString,
+    /// Prefix of every exchange and queue, so several fleets can share a broker.
+    #[arg(long, env = "CALLFLEET_QUEUE_PREFIX", default_value = "callfleet")]
+    pub queue_prefix: String,
+    /// Prefix of every Redis key, so several fleets can share a Redis.
+    #[arg(long, env = "CALLFLEET_KEY_PREFIX", default_value = "callfleet")]
+    pub key_prefix: String,
+    /// Deliveries of one message before it is dead-lettered (quorum `x-delivery-limit`).
+    #[arg(long, env = "CALLFLEET_DELIVERY_LIMIT", default_value_t = 10)]
+    pub delivery_limit: u32,
+    /// How long a publish (connect + confirm) or a store call may take, in milliseconds.
+    #[arg(long, env = "CALLFLEET_IO_TIMEOUT_MS", default_value_t = 5_000)]
+    pub io_timeout_ms: u64,
+}
+
+impl BackendConfig {
+    pub fn broker_or(&self, default: BrokerKind) -> BrokerKind {
+        self.broker.unwrap_or(default)
+    }
+
+    pub fn store_or(&self, default: StoreKind) -> StoreKind {
+        self.store.unwrap_or(default)
+    }
+
+    pub fn io_timeout(&self) -> Duration {
+        Duration::from_millis(self.io_timeout_ms)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1000).contains(&self.delivery_limit) {
+            return Err(bad("CALLFLEET_DELIVERY_LIMIT", format!("must be 1..=1000, got {}", self.delivery_limit)));
+        }
+        if !(100..=120_000).contains(&self.io_timeout_ms) {
+            return Err(bad("CALLFLEET_IO_TIMEOUT_MS", format!("must be 100..=120000, got {}", self.io_timeout_ms)));
+        }
+        let url = self.amqp_url.expose_secret();
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(bad("CALLFLEET_AMQP_URL", "must start with amqp:// or amqps://"));
+        }
+        let url = self.redis_url.expose_secret();
+        if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+            return Err(bad("CALLFLEET_REDIS_URL", "must start with redis://, rediss:// or unix://"));
+        }
+        for (var, prefix) in [("CALLFLEET_QUEUE_PREFIX", &self.queue_prefix), ("CALLFLEET_KEY_PREFIX", &self.key_prefix)] {
+            if prefix.is_empty() || prefix.len() > 64 || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(bad(var, "must be 1-64 characters of [A-Za-z0-9._-]"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How to reach LiveKit.
+#[derive(Debug, Clone, Args)]
+pub struct LiveKitConfig {
+    /// LiveKit server URL (http(s):// or ws(s)://). Unset in `dev` = start the emulator.
+    #[arg(long, env = "LIVEKIT_URL")]
+    pub livekit_url: Option<String>,
+    /// LiveKit API key (also the key whose webhooks are accepted).
+    #[arg(long, env = "LIVEKIT_API_KEY", default_value = "devkey")]
+    pub livekit_api_key: String,
+    /// LiveKit API secret (never logged).
+    #[arg(long, env = "LIVEKIT_API_SECRET", default_value = "secret")]
+    pub livekit_api_secret: SecretString,
+    /// Default outbound SIP trunk (`ST_...`) for calls that do not name one.
+    #[arg(long, env = "LIVEKIT_SIP_TRUNK_ID")]
+    pub livekit_sip_trunk_id: Option<String>,
+    /// Extra webhook signing keys accepted during rotation, `key:secret,key2:secret2`.
+    #[arg(long, env = "CALLFLEET_WEBHOOK_KEYS", default_value = "")]
+    pub webhook_keys: SecretString,
+    /// Per-request timeout for LiveKit API calls, in milliseconds.
+    #[arg(long, env = "CALLFLEET_LIVEKIT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub livekit_timeout_ms: u64,
+}
+
+impl LiveKitConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.livekit_timeout_ms)
+    }
+
+    /// Every (key, secret) pair whose signatures are accepted on webhooks.
+    pub fn webhook_keys(&self) -> Result<Vec<(String, SecretString)>, ConfigError> {
+        let mut keys = vec![(self.livekit_api_key.clone(), self.livekit_api_secret.clone())];
+        for pair in self.webhook_keys.expose_secret().split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once(':')
+                .ok_or_else(|| bad("CALLFLEET_WEBHOOK_KEYS", "each entry must be key:secret"))?;
+            keys.push((k.to_owned(), SecretString::from(v.to_owned())));
+        }
+        Ok(keys)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.livekit_url {
+            if !["http://", "https://", "ws://", "wss://"].iter().any(|p| url.starts_with(p)) {
+                return Err(bad("LIVEKIT_URL", "must start with http://, https://, ws:// or wss://"));
+            }
+        }
+        if self.livekit_api_key.is_empty() {
+            return Err(bad("LIVEKIT_API_KEY", "must not be empty"));
+        }
+        if self.livekit_api_secret.expose_secret().is_empty() {
+            return Err(bad("LIVEKIT_API_SECRET", "must not be empty"));
+        }
+        if !(100..=120_000).contains(&self.livekit_timeout_ms) {
+            return Err(bad("CALLFLEET_LIVEKIT_TIMEOUT_MS", format!("must be 100..=120000, got {}", self.livekit_timeout_ms)));
+        }
+        self.webhook_keys()?;
+        Ok(())
+    }
+}
+
+/// Ingress (HTTP API) settings.
+#[derive(Debug, Clone, Args)]
+pub struct IngressConfig {
+    /// Address the ingress listens on.
+    #[arg(long, env = "CALLFLEET_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// API keys accepted as `Authorization: Bearer <key>`, comma-separated (never logged).
+    /// `dev` generates one when unset.
+    #[arg(long, env = "CALLFLEET_API_KEYS", default_value = "")]
+    pub api_keys: SecretString,
+    /// Largest request body accepted, in bytes (larger gets 413).
+    #[arg(long, env = "CALLFLEET_MAX_BODY_BYTES", default_value_t = 1_048_576)]
+    pub max_body_bytes: usize,
+    /// Region for phone numbers written without a country code (ISO 3166 alpha-2).
+    #[arg(long, env = "CALLFLEET_DEFAULT_REGION", default_value = "US")]
+    pub default_region: String,
+}
+
+impl IngressConfig {
+    pub fn api_keys(&self) -> Vec<String> {
+        self.api_keys.expose_secret().split(',').map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned).collect()
+    }
+
+    /// `require_keys`: the standalone ingress refuses to start without API keys.
+    pub fn validate(&self, require_keys: bool) -> Result<(), ConfigError> {
+        if require_keys && self.api_keys().is_empty() {
+            return Err(bad("CALLFLEET_API_KEYS", "must list at least one API key"));
+        }
+        if self.api_keys().iter().any(|k| k.len() < 16) {
+            return Err(bad("CALLFLEET_API_KEYS", "each key must be at least 16 characters"));
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return Err(bad("CALLFLEET_MAX_BODY_BYTES", "must be between 1024 and 67108864"));
+        }
+        crate::domain::phone::parse_region(&self.default_region)
+            .map_err(|e| bad("CALLFLEET_DEFAULT_REGION", e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Worker settings.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerConfig {
+    /// Address of the worker's health and metrics endpoints.
+    #[arg(long, env = "CALLFLEET_WORKER_HTTP_ADDR", default_value = "127.0.0.1:9090")]
+    pub worker_http_addr: SocketAddr,
+    /// Unacked messages the broker may hand each consumer at once.
+    #[arg(long, env = "CALLFLEET_PREFETCH", default_value_t = 32)]
+    pub prefetch: u16,
+    /// Jobs a worker process runs at once, across all queues.
+    #[arg(long, env = "CALLFLEET_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: usize,
+    /// Seconds in-flight jobs get to finish after SIGTERM before they are handed back.
+    #[arg(long, env = "CALLFLEET_SHUTDOWN_DEADLINE_S", default_value_t = 30)]
+    pub shutdown_deadline_s: u64,
+    /// Agent dispatched when a call names none.
+    #[arg(long, env = "CALLFLEET_DEFAULT_AGENT", default_value = "callfleet-agent")]
+    pub default_agent: String,
+    /// Maximum concurrent calls per SIP trunk, across all workers.
+    #[arg(long, env = "CALLFLEET_TRUNK_MAX_CONCURRENT", default_value_t = 50)]
+    pub trunk_max_concurrent: u32,
+    /// Calls started per second per SIP trunk, across all workers.
+    #[arg(long, env = "CALLFLEET_TRUNK_CPS", default_value_t = 10.0)]
+    pub trunk_cps: f64,
+    /// Seconds a call's concurrency lease lives if its end-of-call event never arrives.
+    #[arg(long, env = "CALLFLEET_LEASE_TTL_S", default_value_t = 3_600)]
+    pub lease_ttl_s: u64,
+    /// Delivery attempts of a job failing transiently before it is dead-lettered.
+    #[arg(long, env = "CALLFLEET_MAX_JOB_ATTEMPTS", default_value_t = 8)]
+    pub max_job_attempts: u32,
+}
+
+impl WorkerConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.prefetch == 0 || self.prefetch > 2000 {
+            return Err(bad("CALLFLEET_PREFETCH", format!("must be 1..=2000, got {}", self.prefetch)));
+        }
+        if self.concurrency == 0 || self.concurrency > 10_000 {
+            return Err(bad("CALLFLEET_CONCURRENCY", format!("must be 1..=10000, got {}", self.concurrency)));
+        }
+        if self.default_agent.trim().is_empty() {
+            return Err(bad("CALLFLEET_DEFAULT_AGENT", "must not be empty"));
+        }
+        if self.trunk_max_concurrent == 0 {
+            return Err(bad("CALLFLEET_TRUNK_MAX_CONCURRENT", "must be at least 1"));
+        }
+        if !(self.trunk_cps > 0.0 && self.trunk_cps <= 10_000.0) {
+            return Err(bad("CALLFLEET_TRUNK_CPS", format!("must be in (0, 10000], got {}", self.trunk_cps)));
+        }
+        if self.max_job_attempts == 0 {
+            return Err(bad("CALLFLEET_MAX_JOB_ATTEMPTS", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    pub fn shutdown_deadline(&self) -> Duration {
+        Duration::from_secs(self.shutdown_deadline_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        backend: BackendConfig,
+        #[command(flatten)]
+        livekit: LiveKitConfig,
+        #[command(flatten)]
+        ingress: IngressConfig,
+        #[command(flatten)]
+        worker: WorkerConfig,
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied())).expect("parses")
+    }
+
+    #[test]
+    fn defaults_are_valid_and_secrets_do_not_print() {
+        let cli = parse(&["--livekit-api-secret", "hunter2-very-secret", "--amqp-url", "amqp://u:pw-xyz@h/%2f"]);
+        cli.backend.validate().expect("backend");
+        cli.livekit.validate().expect("livekit");
+        cli.ingress.validate(false).expect("ingress");
+        cli.worker.validate().expect("worker");
+        let debug = format!("{cli:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(!debug.contains("pw-xyz"), "{debug}");
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let cli = parse(&["--prefetch", "0"]);
+        let e = cli.worker.validate().expect_err("invalid");
+        assert_eq!(e.var, "CALLFLEET_PREFETCH");
+        assert!(e.to_string().starts_with("CALLFLEET_PREFETCH: must be"));
+        let cli = parse(&["--livekit-url", "ftp://x"]);
+        assert_eq!(cli.livekit.validate().expect_err("invalid").var, "LIVEKIT_URL");
+        let cli = parse(&["--default-region", "ZZ"]);
+        assert_eq!(cli.ingress.validate(false).expect_err("invalid").var, "CALLFLEET_DEFAULT_REGION");
+        let cli = parse(&[]);
+        assert_eq!(cli.ingress.validate(true).expect_err("no keys").var, "CALLFLEET_API_KEYS");
+        let cli = parse(&["--webhook-keys", "nocolon"]);
+        assert_eq!(cli.livekit.validate().expect_err("invalid").var, "CALLFLEET_WEBHOOK_KEYS");
+        let cli = parse(&["--queue-prefix", "has space"]);
+        assert_eq!(cli.backend.validate().expect_err("invalid").var, "CALLFLEET_QUEUE_PREFIX");
+    }
+}

@@ -1,0 +1,10 @@
+//! Pure domain logic: no I/O, no clocks read implicitly (time is passed in), unit-tested here.
+
+pub mod call;
+pub mod delay;
+pub mod metadata;
+pub mod phone;
+pub mod sip_outcome;
+pub mod window;
+
+pub use call::*;

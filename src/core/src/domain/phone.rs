@@ -1,0 +1,125 @@
+//! E.164 phone numbers, parsed and validated with the `phonenumber` crate (libphonenumber's
+//! metadata), never with a regex.
+
+use std::fmt;
+
+use phonenumber::country::Id as CountryId;
+use serde::{Deserialize, Serialize};
+
+/// A validated phone number in E.164 form (`+15105550123`).
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct E164(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PhoneError {
+    #[error("is empty")]
+    Empty,
+    #[error("is not a phone number ({0})")]
+    Unparseable(String),
+    #[error("is not a valid number for its region")]
+    Invalid,
+    #[error("default region {0:?} is not an ISO 3166 alpha-2 code")]
+    BadRegion(String),
+}
+
+/// Parses a region code such as `US` or `de` into the library's country id.
+pub fn parse_region(code: &str) -> Result<CountryId, PhoneError> {
+    code.trim()
+        .to_ascii_uppercase()
+        .parse::<CountryId>()
+        .map_err(|_| PhoneError::BadRegion(code.to_owned()))
+}
+
+impl E164 {
+    /// Parses `input` as an international number, or as a national number of
+    /// `default_region` when it has no leading `+`.
+    pub fn parse(input: &str, default_region: Option<CountryId>) -> Result<Self, PhoneError> {
+        let trimmed = input.trim();
+        if trimmed.is_empty() {
+            return Err(PhoneError::Empty);
+        }
+        let region = if trimmed.starts_with('+') { None } else { default_region };
+        let number = phonenumber::parse(region, trimmed)
+            .map_err(|e| PhoneError::Unparseable(e.to_string()))?;
+        if !phonenumber::is_valid(&number) {
+            return Err(PhoneError::Invalid);
+        }
+        Ok(Self(number.format().mode(phonenumber::Mode::E164).to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The number with all but the last four digits hidden, for logs.
+    pub fn redacted(&self) -> String {
+        redact_number(&self.0)
+    }
+}
+
+/// Hides all but the last four characters of a phone number (logs never carry full numbers).
+pub fn redact_number(number: &str) -> String {
+    let chars: Vec<char> = number.chars().collect();
+    if chars.len() <= 4 {
+        return "*".repeat(chars.len());
+    }
+    let visible: String = chars[chars.len() - 4..].iter().collect();
+    format!("{}{}", "*".repeat(chars.len() - 4), visible)
+}
+
+impl TryFrom<String> for E164 {
+    type Error = PhoneError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        E164::parse(&value, None)
+    }
+}
+
+impl From<E164> for String {
+    fn from(value: E164) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for E164 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for E164 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "E164({})", self.redacted())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us() -> Option<CountryId> {
+        Some(parse_region("US").expect("US is a region"))
+    }
+
+    #[test]
+    fn parses_international_and_national_numbers() {
+        assert_eq!(E164::parse("+1 510-555-0123", None).map(String::from), Ok("+15105550123".into()));
+        assert_eq!(E164::parse("(201) 555-0123", us()).map(String::from), Ok("+12015550123".into()));
+        assert_eq!(E164::parse("+44 20 7946 0958", us()).map(String::from), Ok("+442079460958".into()));
+    }
+
+    #[test]
+    fn rejects_garbage_and_invalid_numbers() {
+        assert_eq!(E164::parse("  ", us()), Err(PhoneError::Empty));
+        assert!(matches!(E164::parse("hello", us()), Err(PhoneError::Unparseable(_))));
+        assert_eq!(E164::parse("+1 000 000 0000", None), Err(PhoneError::Invalid));
+        assert!(E164::parse("5551234", None).is_err(), "national number without region");
+    }
+
+    #[test]
+    fn debug_and_redaction_hide_the_number() {
+        let n = E164::parse("+15105550123", None).expect("valid");
+        assert_eq!(format!("{n:?}"), "E164(********0123)");
+        assert!(parse_region("XX").is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! The ports the domain owns. Contracts are written on each trait; adapters in
+//! [`crate::adapters`] implement them, and the conformance suites in `tests/` hold every
+//! adapter of a port to the same contract.
+
+pub mod broker;
+pub mod livekit;
+pub mod store;
+
+pub use broker::{Broker, BrokerError, DeadLetter, Delivery, Message, Subscription, WorkQueue};
+pub use livekit::{LiveKit, LiveKitError};
+pub use store::{Store, StoreError};

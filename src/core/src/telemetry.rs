@@ -1,0 +1,63 @@
+//! Tracing and metrics set-up, and every metric name in one place.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
+
+/// Metric names (Prometheus conventions; labels are bounded sets, never ids or numbers).
+pub mod metrics {
+    pub const HTTP_REQUESTS: &str = "callfleet_http_requests_total";
+    pub const HTTP_REQUEST_SECONDS: &str = "callfleet_http_request_duration_seconds";
+    pub const JOBS_ENQUEUED: &str = "callfleet_jobs_enqueued_total";
+    pub const JOBS_PROCESSED: &str = "callfleet_jobs_processed_total";
+    pub const JOB_SECONDS: &str = "callfleet_job_duration_seconds";
+    pub const JOB_RETRIES: &str = "callfleet_job_retries_total";
+    pub const DEAD_LETTERS: &str = "callfleet_dead_letters_total";
+    pub const QUEUE_DEPTH: &str = "callfleet_queue_depth";
+    pub const BROKER_RECONNECTS: &str = "callfleet_broker_reconnects_total";
+    pub const LIVEKIT_REQUESTS: &str = "callfleet_livekit_requests_total";
+    pub const LIVEKIT_REQUEST_SECONDS: &str = "callfleet_livekit_request_duration_seconds";
+    pub const WEBHOOKS: &str = "callfleet_webhooks_total";
+    pub const DISPATCHES: &str = "callfleet_dispatches_total";
+    pub const CALLS_FINISHED: &str = "callfleet_calls_finished_total";
+    pub const CALL_SETUP_SECONDS: &str = "callfleet_call_setup_seconds";
+    pub const ACTIVE_CALLS: &str = "callfleet_active_calls";
+    pub const ROUTING_DECISIONS: &str = "callfleet_routing_decisions_total";
+    pub const INFLIGHT_JOBS: &str = "callfleet_inflight_jobs";
+}
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle (`None` if
+/// another recorder was installed first, e.g. by an embedding application).
+pub fn prometheus() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let latency = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Initialises tracing from `filter` (an `EnvFilter` directive such as `info,callfleet=debug`).
+/// Calling it twice is harmless (tests).
+pub fn init_tracing(format: LogFormat, filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = match format {
+        LogFormat::Json => registry.with(fmt::layer().json().flatten_event(true)).try_init(),
+        LogFormat::Text => registry.with(fmt::layer().compact()).try_init(),
+    };
+}
