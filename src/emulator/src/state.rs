@@ -1,0 +1,316 @@
+//! The emulator's state: rooms, participants, dispatches, scripts, faults and records.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use livekit_protocol as proto;
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::faults::Faults;
+use crate::ids::{guid, now_ms, now_s};
+use crate::sip::CallScript;
+use crate::webhooks::WebhookSender;
+use crate::{Emulator, EmulatorConfig};
+
+/// One API request served.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiRecord {
+    pub seq: u64,
+    /// Epoch milliseconds when it arrived.
+    pub at_ms: i64,
+    pub service: String,
+    pub method: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Other key fields (`sip_call_to`, `agent_name`, `sip_trunk_id`, `transfer_to`).
+    pub fields: HashMap<String, String>,
+    pub status: u16,
+    /// Twirp error code when it failed, `ok` otherwise.
+    pub result: String,
+    pub duration_ms: u64,
+}
+
+/// One webhook event's delivery to one URL.
+#[derive(Debug, Clone, Serialize)]
+pub struct WebhookRecord {
+    pub id: String,
+    pub event: String,
+    pub room: String,
+    pub url: String,
+    pub attempts: u32,
+    /// HTTP status of the last attempt (none if the connection failed).
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    /// `delivered`, `failed`, `dropped` (aged out) or `pending`.
+    pub outcome: String,
+    /// Whether this delivery was an injected duplicate.
+    pub duplicate: bool,
+}
+
+#[derive(Default)]
+pub struct Records {
+    pub requests: Vec<ApiRecord>,
+    pub webhooks: Vec<WebhookRecord>,
+}
+
+pub struct Room {
+    pub info: proto::Room,
+    pub participants: Vec<proto::ParticipantInfo>,
+    pub dispatches: Vec<proto::AgentDispatch>,
+    /// Bumped whenever the room becomes empty; an empty-timeout task only closes the room
+    /// if the epoch it saw is still current.
+    pub empty_epoch: u64,
+}
+
+pub struct Inner {
+    pub config: EmulatorConfig,
+    pub self_url: Mutex<String>,
+    pub rooms: Mutex<HashMap<String, Room>>,
+    pub records: Mutex<Records>,
+    pub scripts: Mutex<HashMap<String, CallScript>>,
+    pub faults: Mutex<Faults>,
+    pub webhook_urls: Mutex<Vec<String>>,
+    pub webhooks: WebhookSender,
+    pub seq: AtomicU64,
+}
+
+impl Inner {
+    pub fn new(config: EmulatorConfig) -> Arc<Self> {
+        let urls = config.webhook_urls.clone();
+        Arc::new(Self {
+            webhooks: WebhookSender::new(),
+            config,
+            self_url: Mutex::new(String::new()),
+            rooms: Mutex::new(HashMap::new()),
+            records: Mutex::new(Records::default()),
+            scripts: Mutex::new(HashMap::new()),
+            faults: Mutex::new(Faults::default()),
+            webhook_urls: Mutex::new(urls),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    pub fn set_self_url(&self, url: String) {
+        *self.self_url.lock() = url;
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn reset(&self) {
+        self.rooms.lock().clear();
+        *self.records.lock() = Records::default();
+        self.scripts.lock().clear();
+        *self.faults.lock() = Faults::default();
+        self.webhooks.reset();
+    }
+
+    pub fn record(&self, record: ApiRecord) {
+        if self.config.record {
+            self.records.lock().requests.push(record);
+        }
+    }
+}
+
+/// A webhook to emit once the state lock is released.
+pub struct PendingEvent {
+    pub event: &'static str,
+    pub room: proto::Room,
+    pub participant: Option<proto::ParticipantInfo>,
+    pub track: Option<proto::TrackInfo>,
+}
+
+fn new_room(name: &str, empty_timeout: u32, departure_timeout: u32, max_participants: u32, metadata: &str) -> proto::Room {
+    let ms = now_ms();
+    proto::Room {
+        sid: guid("RM_"),
+        name: name.to_owned(),
+        empty_timeout,
+        departure_timeout,
+        max_participants,
+        creation_time: ms / 1000,
+        creation_time_ms: ms,
+        turn_password: guid(""),
+        enabled_codecs: ["audio/opus", "audio/red", "video/VP8", "video/H264"]
+            .iter()
+            .map(|m| proto::Codec { mime: (*m).into(), ..Default::default() })
+            .collect(),
+        metadata: metadata.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// Track events carry a room with only sid and name (livekit-facts §2).
+fn slim_room(room: &proto::Room) -> proto::Room {
+    proto::Room { sid: room.sid.clone(), name: room.name.clone(), ..Default::default() }
+}
+
+impl Emulator {
+    /// Sends events to every webhook URL, in order per room.
+    pub(crate) fn emit(&self, events: Vec<PendingEvent>) {
+        for e in events {
+            let event = proto::WebhookEvent {
+                event: e.event.to_owned(),
+                room: Some(e.room.clone()),
+                participant: e.participant,
+                track: e.track,
+                id: guid("EV_"),
+                created_at: now_s(),
+                ..Default::default()
+            };
+            self.inner.webhooks.enqueue(self, &e.room.name, event);
+        }
+    }
+
+    /// CreateRoom semantics: returns the existing room (updating non-zero fields) or a new
+    /// one, with `room_started` for a new one.
+    pub(crate) fn upsert_room(&self, req: &proto::CreateRoomRequest) -> proto::Room {
+        let (room, events) = {
+            let mut rooms = self.inner.rooms.lock();
+            if let Some(existing) = rooms.get_mut(&req.name) {
+                if req.empty_timeout > 0 {
+                    existing.info.empty_timeout = req.empty_timeout;
+                }
+                if req.departure_timeout > 0 {
+                    existing.info.departure_timeout = req.departure_timeout;
+                }
+                if req.max_participants > 0 {
+                    existing.info.max_participants = req.max_participants;
+                }
+                if !req.metadata.is_empty() {
+                    existing.info.metadata = req.metadata.clone();
+                }
+                (existing.info.clone(), vec![])
+            } else {
+                let empty_timeout = if req.empty_timeout > 0 { req.empty_timeout } else { self.inner.config.default_empty_timeout };
+                let departure = if req.departure_timeout > 0 { req.departure_timeout } else { 20 };
+                let info = new_room(&req.name, empty_timeout, departure, req.max_participants, &req.metadata);
+                rooms.insert(req.name.clone(), Room { info: info.clone(), participants: vec![], dispatches: vec![], empty_epoch: 0 });
+                let event = PendingEvent { event: "room_started", room: info.clone(), participant: None, track: None };
+                (info, vec![event])
+            }
+        };
+        let created = !events.is_empty();
+        self.emit(events);
+        if created {
+            self.schedule_empty_close(&room.name);
+        }
+        room
+    }
+
+    pub(crate) fn ensure_room(&self, name: &str) -> proto::Room {
+        self.upsert_room(&proto::CreateRoomRequest { name: name.to_owned(), ..Default::default() })
+    }
+
+    /// Closes `name` after its empty timeout unless someone joined meanwhile.
+    pub(crate) fn schedule_empty_close(&self, name: &str) {
+        let (epoch, timeout) = {
+            let mut rooms = self.inner.rooms.lock();
+            let Some(room) = rooms.get_mut(name) else { return };
+            if !room.participants.is_empty() {
+                return;
+            }
+            room.empty_epoch += 1;
+            (room.empty_epoch, room.info.empty_timeout)
+        };
+        let emu = self.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(u64::from(timeout))).await;
+            let still_empty = emu
+                .inner
+                .rooms
+                .lock()
+                .get(&name)
+                .is_some_and(|r| r.participants.is_empty() && r.empty_epoch == epoch);
+            if still_empty {
+                emu.close_room(&name, proto::DisconnectReason::RoomClosed);
+            }
+        });
+    }
+
+    /// Removes a room, disconnecting everyone with `reason`, then `room_finished`.
+    pub(crate) fn close_room(&self, name: &str, reason: proto::DisconnectReason) -> bool {
+        let Some(room) = self.inner.rooms.lock().remove(name) else { return false };
+        let mut events = Vec::new();
+        for mut p in room.participants {
+            p.state = proto::participant_info::State::Disconnected as i32;
+            p.disconnect_reason = reason as i32;
+            events.push(PendingEvent { event: "participant_left", room: room.info.clone(), participant: Some(p), track: None });
+        }
+        let mut info = room.info;
+        info.num_participants = 0;
+        events.push(PendingEvent { event: "room_finished", room: info, participant: None, track: None });
+        self.emit(events);
+        true
+    }
+
+    /// Adds a participant; an existing one with the same identity is replaced
+    /// (DUPLICATE_IDENTITY), as LiveKit does.
+    pub(crate) fn join(&self, room_name: &str, participant: proto::ParticipantInfo) {
+        let mut events = Vec::new();
+        {
+            let mut rooms = self.inner.rooms.lock();
+            let Some(room) = rooms.get_mut(room_name) else { return };
+            if let Some(pos) = room.participants.iter().position(|p| p.identity == participant.identity) {
+                let mut old = room.participants.remove(pos);
+                old.state = proto::participant_info::State::Disconnected as i32;
+                old.disconnect_reason = proto::DisconnectReason::DuplicateIdentity as i32;
+                events.push(PendingEvent { event: "participant_left", room: room.info.clone(), participant: Some(old), track: None });
+            }
+            room.participants.push(participant.clone());
+            room.info.num_participants = room.participants.len() as u32;
+            room.info.num_publishers = room.participants.iter().filter(|p| p.is_publisher).count() as u32;
+            let info = room.info.clone();
+            events.push(PendingEvent { event: "participant_joined", room: info.clone(), participant: Some(participant.clone()), track: None });
+            if let Some(track) = participant.tracks.first() {
+                let slim = proto::ParticipantInfo { sid: participant.sid.clone(), identity: participant.identity.clone(), ..Default::default() };
+                events.push(PendingEvent { event: "track_published", room: slim_room(&info), participant: Some(slim), track: Some(track.clone()) });
+            }
+        }
+        self.emit(events);
+    }
+
+    /// Removes a participant with `reason`: `participant_left` if it had connected,
+    /// `participant_connection_aborted` if it never did. Returns it if it was there.
+    pub(crate) fn leave(&self, room_name: &str, identity: &str, reason: proto::DisconnectReason, sid: Option<&str>) -> Option<proto::ParticipantInfo> {
+        let left = {
+            let mut rooms = self.inner.rooms.lock();
+            let room = rooms.get_mut(room_name)?;
+            let pos = room.participants.iter().position(|p| p.identity == identity && sid.is_none_or(|s| s == p.sid))?;
+            let mut p = room.participants.remove(pos);
+            room.info.num_participants = room.participants.len() as u32;
+            room.info.num_publishers = room.participants.iter().filter(|p| p.is_publisher).count() as u32;
+            let connected = p.state == proto::participant_info::State::Active as i32;
+            p.state = proto::participant_info::State::Disconnected as i32;
+            p.disconnect_reason = reason as i32;
+            let event = if connected { "participant_left" } else { "participant_connection_aborted" };
+            (PendingEvent { event, room: room.info.clone(), participant: Some(p.clone()), track: None }, p)
+        };
+        let (event, p) = left;
+        self.emit(vec![event]);
+        self.schedule_empty_close(room_name);
+        Some(p)
+    }
+
+    /// Updates one attribute of a participant (attribute changes produce no webhook).
+    pub(crate) fn set_attribute(&self, room_name: &str, sid: &str, key: &str, value: &str) -> bool {
+        let mut rooms = self.inner.rooms.lock();
+        let Some(p) = rooms.get_mut(room_name).and_then(|r| r.participants.iter_mut().find(|p| p.sid == sid)) else {
+            return false;
+        };
+        p.attributes.insert(key.to_owned(), value.to_owned());
+        p.version += 1;
+        true
+    }
+
+    pub(crate) fn participant(&self, room_name: &str, identity: &str) -> Option<proto::ParticipantInfo> {
+        self.inner.rooms.lock().get(room_name)?.participants.iter().find(|p| p.identity == identity).cloned()
+    }
+}
