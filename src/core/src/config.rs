@@ -19,7 +19,10 @@ pub struct ConfigError {
 }
 
 fn bad(var: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError { var, problem: problem.into() }
+    ConfigError {
+        var,
+        problem: problem.into(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -42,7 +45,13 @@ pub enum StoreKind {
 #[derive(Debug, Clone, Args)]
 pub struct LogConfig {
     /// Log format: `text` for people, `json` for log pipelines.
-    #[arg(long, env = "CALLFLEET_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "CALLFLEET_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "CALLFLEET_LOG", default_value = "info", global = true)]
@@ -59,10 +68,19 @@ pub struct BackendConfig {
     #[arg(long, env = "CALLFLEET_STORE", value_enum)]
     pub store: Option<StoreKind>,
     /// AMQP URL of RabbitMQ (may hold a password; never logged).
-    #[arg(long, env = "CALLFLEET_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_default_value = false)]
+    #[arg(
+        long,
+        env = "CALLFLEET_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_default_value = false
+    )]
     pub amqp_url: SecretString,
     /// Redis URL (may hold a password; never logged).
-    #[arg(long, env = "CALLFLEET_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "CALLFLEET_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: SecretString,
     /// Prefix of every exchange and queue, so several fleets can share a broker.
     #[arg(long, env = "CALLFLEET_QUEUE_PREFIX", default_value = "callfleet")]
@@ -93,21 +111,44 @@ impl BackendConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1..=1000).contains(&self.delivery_limit) {
-            return Err(bad("CALLFLEET_DELIVERY_LIMIT", format!("must be 1..=1000, got {}", self.delivery_limit)));
+            return Err(bad(
+                "CALLFLEET_DELIVERY_LIMIT",
+                format!("must be 1..=1000, got {}", self.delivery_limit),
+            ));
         }
         if !(100..=120_000).contains(&self.io_timeout_ms) {
-            return Err(bad("CALLFLEET_IO_TIMEOUT_MS", format!("must be 100..=120000, got {}", self.io_timeout_ms)));
+            return Err(bad(
+                "CALLFLEET_IO_TIMEOUT_MS",
+                format!("must be 100..=120000, got {}", self.io_timeout_ms),
+            ));
         }
         let url = self.amqp_url.expose_secret();
         if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            return Err(bad("CALLFLEET_AMQP_URL", "must start with amqp:// or amqps://"));
+            return Err(bad(
+                "CALLFLEET_AMQP_URL",
+                "must start with amqp:// or amqps://",
+            ));
         }
         let url = self.redis_url.expose_secret();
-        if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
-            return Err(bad("CALLFLEET_REDIS_URL", "must start with redis://, rediss:// or unix://"));
+        if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("unix://"))
+        {
+            return Err(bad(
+                "CALLFLEET_REDIS_URL",
+                "must start with redis://, rediss:// or unix://",
+            ));
         }
-        for (var, prefix) in [("CALLFLEET_QUEUE_PREFIX", &self.queue_prefix), ("CALLFLEET_KEY_PREFIX", &self.key_prefix)] {
-            if prefix.is_empty() || prefix.len() > 64 || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        for (var, prefix) in [
+            ("CALLFLEET_QUEUE_PREFIX", &self.queue_prefix),
+            ("CALLFLEET_KEY_PREFIX", &self.key_prefix),
+        ] {
+            if prefix.is_empty()
+                || prefix.len() > 64
+                || !prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
                 return Err(bad(var, "must be 1-64 characters of [A-Za-z0-9._-]"));
             }
         }
@@ -145,8 +186,17 @@ impl LiveKitConfig {
 
     /// Every (key, secret) pair whose signatures are accepted on webhooks.
     pub fn webhook_keys(&self) -> Result<Vec<(String, SecretString)>, ConfigError> {
-        let mut keys = vec![(self.livekit_api_key.clone(), self.livekit_api_secret.clone())];
-        for pair in self.webhook_keys.expose_secret().split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let mut keys = vec![(
+            self.livekit_api_key.clone(),
+            self.livekit_api_secret.clone(),
+        )];
+        for pair in self
+            .webhook_keys
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
             let (k, v) = pair
                 .split_once(':')
                 .ok_or_else(|| bad("CALLFLEET_WEBHOOK_KEYS", "each entry must be key:secret"))?;
@@ -157,8 +207,14 @@ impl LiveKitConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(url) = &self.livekit_url {
-            if !["http://", "https://", "ws://", "wss://"].iter().any(|p| url.starts_with(p)) {
-                return Err(bad("LIVEKIT_URL", "must start with http://, https://, ws:// or wss://"));
+            if !["http://", "https://", "ws://", "wss://"]
+                .iter()
+                .any(|p| url.starts_with(p))
+            {
+                return Err(bad(
+                    "LIVEKIT_URL",
+                    "must start with http://, https://, ws:// or wss://",
+                ));
             }
         }
         if self.livekit_api_key.is_empty() {
@@ -168,7 +224,10 @@ impl LiveKitConfig {
             return Err(bad("LIVEKIT_API_SECRET", "must not be empty"));
         }
         if !(100..=120_000).contains(&self.livekit_timeout_ms) {
-            return Err(bad("CALLFLEET_LIVEKIT_TIMEOUT_MS", format!("must be 100..=120000, got {}", self.livekit_timeout_ms)));
+            return Err(bad(
+                "CALLFLEET_LIVEKIT_TIMEOUT_MS",
+                format!("must be 100..=120000, got {}", self.livekit_timeout_ms),
+            ));
         }
         self.webhook_keys()?;
         Ok(())
@@ -195,7 +254,13 @@ pub struct IngressConfig {
 
 impl IngressConfig {
     pub fn api_keys(&self) -> Vec<String> {
-        self.api_keys.expose_secret().split(',').map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned).collect()
+        self.api_keys
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// `require_keys`: the standalone ingress refuses to start without API keys.
@@ -204,10 +269,16 @@ impl IngressConfig {
             return Err(bad("CALLFLEET_API_KEYS", "must list at least one API key"));
         }
         if self.api_keys().iter().any(|k| k.len() < 16) {
-            return Err(bad("CALLFLEET_API_KEYS", "each key must be at least 16 characters"));
+            return Err(bad(
+                "CALLFLEET_API_KEYS",
+                "each key must be at least 16 characters",
+            ));
         }
         if !(1024..=64 * 1024 * 1024).contains(&self.max_body_bytes) {
-            return Err(bad("CALLFLEET_MAX_BODY_BYTES", "must be between 1024 and 67108864"));
+            return Err(bad(
+                "CALLFLEET_MAX_BODY_BYTES",
+                "must be between 1024 and 67108864",
+            ));
         }
         crate::domain::phone::parse_region(&self.default_region)
             .map_err(|e| bad("CALLFLEET_DEFAULT_REGION", e.to_string()))?;
@@ -219,7 +290,11 @@ impl IngressConfig {
 #[derive(Debug, Clone, Args)]
 pub struct WorkerConfig {
     /// Address of the worker's health and metrics endpoints.
-    #[arg(long, env = "CALLFLEET_WORKER_HTTP_ADDR", default_value = "127.0.0.1:9090")]
+    #[arg(
+        long,
+        env = "CALLFLEET_WORKER_HTTP_ADDR",
+        default_value = "127.0.0.1:9090"
+    )]
     pub worker_http_addr: SocketAddr,
     /// Unacked messages the broker may hand each consumer at once.
     #[arg(long, env = "CALLFLEET_PREFETCH", default_value_t = 32)]
@@ -231,7 +306,11 @@ pub struct WorkerConfig {
     #[arg(long, env = "CALLFLEET_SHUTDOWN_DEADLINE_S", default_value_t = 30)]
     pub shutdown_deadline_s: u64,
     /// Agent dispatched when a call names none.
-    #[arg(long, env = "CALLFLEET_DEFAULT_AGENT", default_value = "callfleet-agent")]
+    #[arg(
+        long,
+        env = "CALLFLEET_DEFAULT_AGENT",
+        default_value = "callfleet-agent"
+    )]
     pub default_agent: String,
     /// Maximum concurrent calls per SIP trunk, across all workers.
     #[arg(long, env = "CALLFLEET_TRUNK_MAX_CONCURRENT", default_value_t = 50)]
@@ -250,10 +329,16 @@ pub struct WorkerConfig {
 impl WorkerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.prefetch == 0 || self.prefetch > 2000 {
-            return Err(bad("CALLFLEET_PREFETCH", format!("must be 1..=2000, got {}", self.prefetch)));
+            return Err(bad(
+                "CALLFLEET_PREFETCH",
+                format!("must be 1..=2000, got {}", self.prefetch),
+            ));
         }
         if self.concurrency == 0 || self.concurrency > 10_000 {
-            return Err(bad("CALLFLEET_CONCURRENCY", format!("must be 1..=10000, got {}", self.concurrency)));
+            return Err(bad(
+                "CALLFLEET_CONCURRENCY",
+                format!("must be 1..=10000, got {}", self.concurrency),
+            ));
         }
         if self.default_agent.trim().is_empty() {
             return Err(bad("CALLFLEET_DEFAULT_AGENT", "must not be empty"));
@@ -262,7 +347,10 @@ impl WorkerConfig {
             return Err(bad("CALLFLEET_TRUNK_MAX_CONCURRENT", "must be at least 1"));
         }
         if !(self.trunk_cps > 0.0 && self.trunk_cps <= 10_000.0) {
-            return Err(bad("CALLFLEET_TRUNK_CPS", format!("must be in (0, 10000], got {}", self.trunk_cps)));
+            return Err(bad(
+                "CALLFLEET_TRUNK_CPS",
+                format!("must be in (0, 10000], got {}", self.trunk_cps),
+            ));
         }
         if self.max_job_attempts == 0 {
             return Err(bad("CALLFLEET_MAX_JOB_ATTEMPTS", "must be at least 1"));
@@ -298,7 +386,12 @@ mod tests {
 
     #[test]
     fn defaults_are_valid_and_secrets_do_not_print() {
-        let cli = parse(&["--livekit-api-secret", "hunter2-very-secret", "--amqp-url", "amqp://u:pw-xyz@h/%2f"]);
+        let cli = parse(&[
+            "--livekit-api-secret",
+            "hunter2-very-secret",
+            "--amqp-url",
+            "amqp://u:pw-xyz@h/%2f",
+        ]);
         cli.backend.validate().expect("backend");
         cli.livekit.validate().expect("livekit");
         cli.ingress.validate(false).expect("ingress");
@@ -315,14 +408,29 @@ mod tests {
         assert_eq!(e.var, "CALLFLEET_PREFETCH");
         assert!(e.to_string().starts_with("CALLFLEET_PREFETCH: must be"));
         let cli = parse(&["--livekit-url", "ftp://x"]);
-        assert_eq!(cli.livekit.validate().expect_err("invalid").var, "LIVEKIT_URL");
+        assert_eq!(
+            cli.livekit.validate().expect_err("invalid").var,
+            "LIVEKIT_URL"
+        );
         let cli = parse(&["--default-region", "ZZ"]);
-        assert_eq!(cli.ingress.validate(false).expect_err("invalid").var, "CALLFLEET_DEFAULT_REGION");
+        assert_eq!(
+            cli.ingress.validate(false).expect_err("invalid").var,
+            "CALLFLEET_DEFAULT_REGION"
+        );
         let cli = parse(&[]);
-        assert_eq!(cli.ingress.validate(true).expect_err("no keys").var, "CALLFLEET_API_KEYS");
+        assert_eq!(
+            cli.ingress.validate(true).expect_err("no keys").var,
+            "CALLFLEET_API_KEYS"
+        );
         let cli = parse(&["--webhook-keys", "nocolon"]);
-        assert_eq!(cli.livekit.validate().expect_err("invalid").var, "CALLFLEET_WEBHOOK_KEYS");
+        assert_eq!(
+            cli.livekit.validate().expect_err("invalid").var,
+            "CALLFLEET_WEBHOOK_KEYS"
+        );
         let cli = parse(&["--queue-prefix", "has space"]);
-        assert_eq!(cli.backend.validate().expect_err("invalid").var, "CALLFLEET_QUEUE_PREFIX");
+        assert_eq!(
+            cli.backend.validate().expect_err("invalid").var,
+            "CALLFLEET_QUEUE_PREFIX"
+        );
     }
 }

@@ -40,7 +40,11 @@ async fn requests(State(emu): State<Emulator>, Query(f): Query<Filter>) -> Json<
         .requests
         .iter()
         .filter(|r| f.method.as_ref().is_none_or(|m| *m == r.method))
-        .filter(|r| f.room.as_ref().is_none_or(|room| r.room.as_ref() == Some(room)))
+        .filter(|r| {
+            f.room
+                .as_ref()
+                .is_none_or(|room| r.room.as_ref() == Some(room))
+        })
         .collect();
     Json(json!({"requests": items}))
 }
@@ -71,7 +75,9 @@ async fn rooms(State(emu): State<Emulator>) -> Json<Value> {
     let rooms = emu.inner.rooms.lock();
     let list: Vec<Value> = rooms
         .values()
-        .map(|r| json!({"room": r.info, "participants": r.participants, "dispatches": r.dispatches}))
+        .map(
+            |r| json!({"room": r.info, "participants": r.participants, "dispatches": r.dispatches}),
+        )
         .collect();
     Json(json!({"rooms": list}))
 }
@@ -85,7 +91,11 @@ async fn clear_scripts(State(emu): State<Emulator>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
-async fn put_script(State(emu): State<Emulator>, Path(number): Path<String>, Json(script): Json<CallScript>) -> StatusCode {
+async fn put_script(
+    State(emu): State<Emulator>,
+    Path(number): Path<String>,
+    Json(script): Json<CallScript>,
+) -> StatusCode {
     emu.script(&number, script);
     StatusCode::NO_CONTENT
 }
@@ -100,10 +110,18 @@ async fn get_faults(State(emu): State<Emulator>) -> Json<Faults> {
 }
 
 async fn put_faults(State(emu): State<Emulator>, Json(faults): Json<Faults>) -> Response {
-    let rates = faults.methods.values().flat_map(|m| [m.error_rate, m.drop_rate]).chain([faults.webhooks.duplicate_rate, faults.webhooks.reorder_rate]);
+    let rates = faults
+        .methods
+        .values()
+        .flat_map(|m| [m.error_rate, m.drop_rate])
+        .chain([faults.webhooks.duplicate_rate, faults.webhooks.reorder_rate]);
     for rate in rates {
         if !(0.0..=1.0).contains(&rate) {
-            return (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"error": "rates must be between 0 and 1"}))).into_response();
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({"error": "rates must be between 0 and 1"})),
+            )
+                .into_response();
         }
     }
     emu.set_faults(faults);
@@ -112,7 +130,11 @@ async fn put_faults(State(emu): State<Emulator>, Json(faults): Json<Faults>) -> 
 
 async fn inbound(State(emu): State<Emulator>, Json(call): Json<InboundCall>) -> Response {
     if call.from.is_empty() || call.to.is_empty() {
-        return (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"error": "from and to are required"}))).into_response();
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"error": "from and to are required"})),
+        )
+            .into_response();
     }
     (StatusCode::CREATED, Json(emu.inbound_call(call).await)).into_response()
 }

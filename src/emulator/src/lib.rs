@@ -91,7 +91,9 @@ impl RunningEmulator {
 
 impl Emulator {
     pub fn new(config: EmulatorConfig) -> Self {
-        Self { inner: state::Inner::new(config) }
+        Self {
+            inner: state::Inner::new(config),
+        }
     }
 
     /// The HTTP app: Twirp API, `/settings/regions`, and the `/emulator/v1` control API.
@@ -102,13 +104,22 @@ impl Emulator {
     }
 
     /// Serves on `listener` until `stop` is cancelled.
-    pub async fn serve(self, listener: TcpListener, stop: CancellationToken) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) -> std::io::Result<()> {
         let app = self.router();
-        axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
     }
 
     /// Binds `addr` (port 0 for any) and serves in the background.
-    pub async fn start(config: EmulatorConfig, addr: SocketAddr) -> std::io::Result<RunningEmulator> {
+    pub async fn start(
+        config: EmulatorConfig,
+        addr: SocketAddr,
+    ) -> std::io::Result<RunningEmulator> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let emulator = Emulator::new(config);
@@ -120,7 +131,12 @@ impl Emulator {
                 tracing::error!(error = %e, "emulator server failed");
             }
         });
-        Ok(RunningEmulator { addr, emulator, stop, task })
+        Ok(RunningEmulator {
+            addr,
+            emulator,
+            stop,
+            task,
+        })
     }
 
     /// Every API request served so far, oldest first.
@@ -130,7 +146,14 @@ impl Emulator {
 
     /// Requests of one method (`CreateSIPParticipant`, ...).
     pub fn requests_of(&self, method: &str) -> Vec<ApiRecord> {
-        self.inner.records.lock().requests.iter().filter(|r| r.method == method).cloned().collect()
+        self.inner
+            .records
+            .lock()
+            .requests
+            .iter()
+            .filter(|r| r.method == method)
+            .cloned()
+            .collect()
     }
 
     /// Every webhook delivery so far.

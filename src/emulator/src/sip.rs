@@ -46,7 +46,12 @@ pub struct CallScript {
 
 impl Default for CallScript {
     fn default() -> Self {
-        Self { outcome: Outcome::Answer, ring_ms: 200, talk_ms: Some(2_000), sip_status: None }
+        Self {
+            outcome: Outcome::Answer,
+            ring_ms: 200,
+            talk_ms: Some(2_000),
+            sip_status: None,
+        }
     }
 }
 
@@ -77,7 +82,10 @@ fn reason_phrase(code: u16) -> (&'static str, &'static str) {
         403 => ("Forbidden", "SIP_STATUS_FORBIDDEN"),
         404 => ("Not Found", "SIP_STATUS_NOTFOUND"),
         408 => ("Request Timeout", "SIP_STATUS_REQUEST_TIMEOUT"),
-        480 => ("Temporarily Unavailable", "SIP_STATUS_TEMPORARILY_UNAVAILABLE"),
+        480 => (
+            "Temporarily Unavailable",
+            "SIP_STATUS_TEMPORARILY_UNAVAILABLE",
+        ),
         486 => ("Busy Here", "SIP_STATUS_BUSY_HERE"),
         487 => ("Request Terminated", "SIP_STATUS_REQUEST_TERMINATED"),
         500 => ("Internal Server Error", "SIP_STATUS_INTERNAL_SERVER_ERROR"),
@@ -86,7 +94,10 @@ fn reason_phrase(code: u16) -> (&'static str, &'static str) {
         504 => ("Gateway Timeout", "SIP_STATUS_GATEWAY_TIMEOUT"),
         600 => ("Busy Everywhere", "SIP_STATUS_GLOBAL_BUSY_EVERYWHERE"),
         603 => ("Decline", "SIP_STATUS_GLOBAL_DECLINE"),
-        604 => ("Does Not Exist Anywhere", "SIP_STATUS_GLOBAL_DOES_NOT_EXIST_ANYWHERE"),
+        604 => (
+            "Does Not Exist Anywhere",
+            "SIP_STATUS_GLOBAL_DOES_NOT_EXIST_ANYWHERE",
+        ),
         _ => ("", "SIP_STATUS_UNKNOWN"),
     }
 }
@@ -95,19 +106,32 @@ fn reason_phrase(code: u16) -> (&'static str, &'static str) {
 pub fn sip_error(code: u16, status_text: Option<&str>) -> TwirpError {
     let (twirp, _) = sip_failure(code);
     let (phrase, enum_name) = reason_phrase(code);
-    let status = status_text.map(str::to_owned).unwrap_or_else(|| if phrase.is_empty() { enum_name.to_owned() } else { phrase.to_owned() });
+    let status = status_text.map(str::to_owned).unwrap_or_else(|| {
+        if phrase.is_empty() {
+            enum_name.to_owned()
+        } else {
+            phrase.to_owned()
+        }
+    });
     let mut meta = HashMap::new();
     meta.insert("sip_status_code".to_owned(), code.to_string());
     meta.insert("sip_status".to_owned(), status);
     TwirpError {
         code: twirp.to_owned(),
-        msg: format!("twirp error unknown: sip status: {code}: {}", if phrase.is_empty() { enum_name } else { phrase }),
+        msg: format!(
+            "twirp error unknown: sip status: {code}: {}",
+            if phrase.is_empty() { enum_name } else { phrase }
+        ),
         meta,
     }
 }
 
 fn ringing_timeout_error() -> TwirpError {
-    TwirpError { code: "canceled".into(), msg: "twirp error unknown: sip request timed out".into(), meta: HashMap::new() }
+    TwirpError {
+        code: "canceled".into(),
+        msg: "twirp error unknown: sip request timed out".into(),
+        meta: HashMap::new(),
+    }
 }
 
 fn status_of(outcome: Outcome, script: &CallScript) -> Option<u16> {
@@ -123,7 +147,10 @@ fn status_of(outcome: Outcome, script: &CallScript) -> Option<u16> {
 
 fn duration_of(d: &Option<pbjson_types::Duration>) -> Option<Duration> {
     d.as_ref().and_then(|d| {
-        let ms = d.seconds.checked_mul(1000)?.checked_add(i64::from(d.nanos) / 1_000_000)?;
+        let ms = d
+            .seconds
+            .checked_mul(1000)?
+            .checked_add(i64::from(d.nanos) / 1_000_000)?;
         (ms > 0).then(|| Duration::from_millis(ms as u64))
     })
 }
@@ -139,7 +166,12 @@ fn sip_track() -> proto::TrackInfo {
     }
 }
 
-fn sip_participant(identity: String, name: String, metadata: String, attributes: HashMap<String, String>) -> proto::ParticipantInfo {
+fn sip_participant(
+    identity: String,
+    name: String,
+    metadata: String,
+    attributes: HashMap<String, String>,
+) -> proto::ParticipantInfo {
     let ms = now_ms();
     proto::ParticipantInfo {
         sid: guid("PA_"),
@@ -177,22 +209,35 @@ pub async fn create_sip_participant(
         return Err(TwirpError::new("invalid_argument", "missing sip trunk id"));
     }
     if req.sip_call_to.is_empty() {
-        return Err(TwirpError::new("invalid_argument", "missing sip callee number"));
+        return Err(TwirpError::new(
+            "invalid_argument",
+            "missing sip callee number",
+        ));
     }
     if req.sip_call_to.contains('@') {
-        return Err(TwirpError::new("invalid_argument", "SipCallTo should be a phone number or SIP user, not a full SIP URI"));
+        return Err(TwirpError::new(
+            "invalid_argument",
+            "SipCallTo should be a phone number or SIP user, not a full SIP URI",
+        ));
     }
     if req.room_name.is_empty() {
         return Err(TwirpError::new("invalid_argument", "missing room name"));
     }
     if req.trunk.is_some() && req.sip_number.is_empty() {
-        return Err(TwirpError::new("invalid_argument", "sip_number is required with an inline trunk"));
+        return Err(TwirpError::new(
+            "invalid_argument",
+            "sip_number is required with an inline trunk",
+        ));
     }
     if let Some((code, text)) = forced_status {
         return Err(sip_error(code, text.as_deref()));
     }
 
-    let identity = if req.participant_identity.is_empty() { format!("sip_{}", req.sip_call_to) } else { req.participant_identity.clone() };
+    let identity = if req.participant_identity.is_empty() {
+        format!("sip_{}", req.sip_call_to)
+    } else {
+        req.participant_identity.clone()
+    };
     let call_id = guid("SCL_");
     let mut attributes = req.participant_attributes.clone();
     attributes.insert("sip.callID".into(), call_id.clone());
@@ -206,23 +251,50 @@ pub async fn create_sip_participant(
         }
     }
     emu.ensure_room(&req.room_name);
-    let participant = sip_participant(identity.clone(), req.participant_name.clone(), req.participant_metadata.clone(), attributes);
+    let participant = sip_participant(
+        identity.clone(),
+        req.participant_name.clone(),
+        req.participant_metadata.clone(),
+        attributes,
+    );
     let sid = participant.sid.clone();
     emu.join(&req.room_name, participant);
 
-    let script = emu.inner.scripts.lock().get(&req.sip_call_to).cloned().unwrap_or_else(|| emu.inner.config.default_script.clone());
+    let script = emu
+        .inner
+        .scripts
+        .lock()
+        .get(&req.sip_call_to)
+        .cloned()
+        .unwrap_or_else(|| emu.inner.config.default_script.clone());
     let ringing_timeout = duration_of(&req.ringing_timeout).unwrap_or(Duration::from_secs(30));
     let max_duration = duration_of(&req.max_call_duration);
     let (tx, rx) = oneshot::channel();
-    let play = Dial { emu: emu.clone(), room: req.room_name.clone(), identity: identity.clone(), sid: sid.clone(), script, ringing_timeout, max_duration };
+    let play = Dial {
+        emu: emu.clone(),
+        room: req.room_name.clone(),
+        identity: identity.clone(),
+        sid: sid.clone(),
+        script,
+        ringing_timeout,
+        max_duration,
+    };
     tokio::spawn(play.run(tx));
 
-    let info = proto::SipParticipantInfo { participant_id: sid, participant_identity: identity, room_name: req.room_name, sip_call_id: call_id };
+    let info = proto::SipParticipantInfo {
+        participant_id: sid,
+        participant_identity: identity,
+        room_name: req.room_name,
+        sip_call_id: call_id,
+    };
     if req.wait_until_answered {
         match rx.await {
             Ok(Ok(())) => Ok(info),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(TwirpError::new("internal", "twirp error unknown: call ended")),
+            Err(_) => Err(TwirpError::new(
+                "internal",
+                "twirp error unknown: call ended",
+            )),
         }
     } else {
         Ok(info)
@@ -241,56 +313,90 @@ struct Dial {
 
 impl Dial {
     fn still_here(&self) -> bool {
-        self.emu.participant(&self.room, &self.identity).is_some_and(|p| p.sid == self.sid)
+        self.emu
+            .participant(&self.room, &self.identity)
+            .is_some_and(|p| p.sid == self.sid)
     }
 
     async fn run(self, answered: oneshot::Sender<Result<(), TwirpError>>) {
         let ring = Duration::from_millis(self.script.ring_ms);
         tokio::time::sleep(ring / 2).await;
         if !self.still_here() {
-            let _ = answered.send(Err(TwirpError::new("canceled", "twirp error unknown: call canceled")));
+            let _ = answered.send(Err(TwirpError::new(
+                "canceled",
+                "twirp error unknown: call canceled",
+            )));
             return;
         }
-        self.emu.set_attribute(&self.room, &self.sid, "sip.callStatus", "ringing");
+        self.emu
+            .set_attribute(&self.room, &self.sid, "sip.callStatus", "ringing");
         let outcome = self.script.outcome;
-        let wait = if outcome == Outcome::NoAnswer { self.ringing_timeout } else { ring.min(self.ringing_timeout) };
+        let wait = if outcome == Outcome::NoAnswer {
+            self.ringing_timeout
+        } else {
+            ring.min(self.ringing_timeout)
+        };
         tokio::time::sleep(wait.saturating_sub(ring / 2)).await;
         if !self.still_here() {
-            let _ = answered.send(Err(TwirpError::new("canceled", "twirp error unknown: call canceled")));
+            let _ = answered.send(Err(TwirpError::new(
+                "canceled",
+                "twirp error unknown: call canceled",
+            )));
             return;
         }
         if outcome != Outcome::NoAnswer && ring > self.ringing_timeout {
             // Ringing outlasted the timeout: LiveKit gives up first.
             let _ = answered.send(Err(ringing_timeout_error()));
-            self.emu.leave(&self.room, &self.identity, proto::DisconnectReason::UserUnavailable, Some(&self.sid));
+            self.emu.leave(
+                &self.room,
+                &self.identity,
+                proto::DisconnectReason::UserUnavailable,
+                Some(&self.sid),
+            );
             return;
         }
         match (outcome, status_of(outcome, &self.script)) {
             (Outcome::Answer, _) => {
-                self.emu.set_attribute(&self.room, &self.sid, "sip.callStatus", "active");
+                self.emu
+                    .set_attribute(&self.room, &self.sid, "sip.callStatus", "active");
                 let _ = answered.send(Ok(()));
-                let talk = match (self.script.talk_ms.map(Duration::from_millis), self.max_duration) {
+                let talk = match (
+                    self.script.talk_ms.map(Duration::from_millis),
+                    self.max_duration,
+                ) {
                     (Some(t), Some(m)) => Some(t.min(m)),
                     (t, m) => t.or(m),
                 };
                 if let Some(talk) = talk {
                     tokio::time::sleep(talk).await;
                     if self.still_here() {
-                        self.emu.set_attribute(&self.room, &self.sid, "sip.callStatus", "hangup");
-                        self.emu.leave(&self.room, &self.identity, proto::DisconnectReason::ClientInitiated, Some(&self.sid));
+                        self.emu
+                            .set_attribute(&self.room, &self.sid, "sip.callStatus", "hangup");
+                        self.emu.leave(
+                            &self.room,
+                            &self.identity,
+                            proto::DisconnectReason::ClientInitiated,
+                            Some(&self.sid),
+                        );
                     }
                 }
             }
             (Outcome::NoAnswer, None) => {
                 let _ = answered.send(Err(ringing_timeout_error()));
-                self.emu.leave(&self.room, &self.identity, proto::DisconnectReason::UserUnavailable, Some(&self.sid));
+                self.emu.leave(
+                    &self.room,
+                    &self.identity,
+                    proto::DisconnectReason::UserUnavailable,
+                    Some(&self.sid),
+                );
             }
             (_, status) => {
                 let code = status.unwrap_or(503);
                 let _ = answered.send(Err(sip_error(code, None)));
                 let (_, reason) = sip_failure(code);
                 // Failed dials set no final callStatus (it keeps `ringing`).
-                self.emu.leave(&self.room, &self.identity, reason, Some(&self.sid));
+                self.emu
+                    .leave(&self.room, &self.identity, reason, Some(&self.sid));
             }
         }
     }
@@ -298,30 +404,57 @@ impl Dial {
 
 /// TransferSIPParticipant: validates the target, sends the (simulated) REFER and the
 /// caller leaves the room.
-pub async fn transfer(emu: &Emulator, req: proto::TransferSipParticipantRequest, forced_status: Option<(u16, Option<String>)>) -> Result<(), TwirpError> {
+pub async fn transfer(
+    emu: &Emulator,
+    req: proto::TransferSipParticipantRequest,
+    forced_status: Option<(u16, Option<String>)>,
+) -> Result<(), TwirpError> {
     if req.room_name.is_empty() {
         return Err(TwirpError::new("invalid_argument", "missing room name"));
     }
     if req.participant_identity.is_empty() {
-        return Err(TwirpError::new("invalid_argument", "missing participant identity"));
+        return Err(TwirpError::new(
+            "invalid_argument",
+            "missing participant identity",
+        ));
     }
     if req.transfer_to.is_empty() {
-        return Err(TwirpError::new("invalid_argument", "missing transfer target"));
+        return Err(TwirpError::new(
+            "invalid_argument",
+            "missing transfer target",
+        ));
     }
-    if !["tel:", "sip:", "sips:"].iter().any(|p| req.transfer_to.starts_with(p)) {
-        return Err(TwirpError::new("invalid_argument", "transfer_to must start with tel:, sip: or sips:"));
+    if !["tel:", "sip:", "sips:"]
+        .iter()
+        .any(|p| req.transfer_to.starts_with(p))
+    {
+        return Err(TwirpError::new(
+            "invalid_argument",
+            "transfer_to must start with tel:, sip: or sips:",
+        ));
     }
     let Some(p) = emu.participant(&req.room_name, &req.participant_identity) else {
-        return Err(TwirpError::new("not_found", "twirp error unknown: participant does not exist"));
+        return Err(TwirpError::new(
+            "not_found",
+            "twirp error unknown: participant does not exist",
+        ));
     };
     if !p.attributes.contains_key("sip.callID") {
-        return Err(TwirpError::new("invalid_argument", "no SIP session associated with participant"));
+        return Err(TwirpError::new(
+            "invalid_argument",
+            "no SIP session associated with participant",
+        ));
     }
     if let Some((code, text)) = forced_status {
         return Err(sip_error(code, text.as_deref()));
     }
     emu.set_attribute(&req.room_name, &p.sid, "sip.callStatus", "hangup");
-    emu.leave(&req.room_name, &req.participant_identity, proto::DisconnectReason::ClientInitiated, Some(&p.sid));
+    emu.leave(
+        &req.room_name,
+        &req.participant_identity,
+        proto::DisconnectReason::ClientInitiated,
+        Some(&p.sid),
+    );
     Ok(())
 }
 
@@ -366,7 +499,10 @@ pub struct InboundCallResult {
 }
 
 pub async fn inbound_call(emu: &Emulator, call: InboundCall) -> InboundCallResult {
-    let room_name = call.room_name.clone().unwrap_or_else(|| format!("{}_{}_{}", call.room_prefix, call.from, guid("")));
+    let room_name = call
+        .room_name
+        .clone()
+        .unwrap_or_else(|| format!("{}_{}_{}", call.room_prefix, call.from, guid("")));
     let identity = format!("sip_{}", call.from);
     let call_id = guid("SCL_");
     let attributes: HashMap<String, String> = [
@@ -382,7 +518,12 @@ pub async fn inbound_call(emu: &Emulator, call: InboundCall) -> InboundCallResul
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     emu.ensure_room(&room_name);
-    let participant = sip_participant(identity.clone(), format!("Phone {}", call.from), String::new(), attributes);
+    let participant = sip_participant(
+        identity.clone(),
+        format!("Phone {}", call.from),
+        String::new(),
+        attributes,
+    );
     let sid = participant.sid.clone();
     emu.join(&room_name, participant);
     if let Some(after) = call.hangup_after_ms {
@@ -391,10 +532,20 @@ pub async fn inbound_call(emu: &Emulator, call: InboundCall) -> InboundCallResul
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(after)).await;
             emu.set_attribute(&room, &sid, "sip.callStatus", "hangup");
-            emu.leave(&room, &identity, proto::DisconnectReason::ClientInitiated, Some(&sid));
+            emu.leave(
+                &room,
+                &identity,
+                proto::DisconnectReason::ClientInitiated,
+                Some(&sid),
+            );
         });
     }
-    InboundCallResult { room_name, participant_identity: identity, participant_sid: sid, sip_call_id: call_id }
+    InboundCallResult {
+        room_name,
+        participant_identity: identity,
+        participant_sid: sid,
+        sip_call_id: call_id,
+    }
 }
 
 #[cfg(test)]
@@ -409,7 +560,13 @@ mod tests {
         assert_eq!(sip_failure(404).0, "not_found");
         assert_eq!(sip_failure(503).0, "failed_precondition");
         let e = sip_error(486, None);
-        assert_eq!(e.meta.get("sip_status_code").map(String::as_str), Some("486"));
-        assert_eq!(e.meta.get("sip_status").map(String::as_str), Some("Busy Here"));
+        assert_eq!(
+            e.meta.get("sip_status_code").map(String::as_str),
+            Some("486")
+        );
+        assert_eq!(
+            e.meta.get("sip_status").map(String::as_str),
+            Some("Busy Here")
+        );
     }
 }

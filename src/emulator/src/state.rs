@@ -126,7 +126,13 @@ pub struct PendingEvent {
     pub track: Option<proto::TrackInfo>,
 }
 
-fn new_room(name: &str, empty_timeout: u32, departure_timeout: u32, max_participants: u32, metadata: &str) -> proto::Room {
+fn new_room(
+    name: &str,
+    empty_timeout: u32,
+    departure_timeout: u32,
+    max_participants: u32,
+    metadata: &str,
+) -> proto::Room {
     let ms = now_ms();
     proto::Room {
         sid: guid("RM_"),
@@ -139,7 +145,10 @@ fn new_room(name: &str, empty_timeout: u32, departure_timeout: u32, max_particip
         turn_password: guid(""),
         enabled_codecs: ["audio/opus", "audio/red", "video/VP8", "video/H264"]
             .iter()
-            .map(|m| proto::Codec { mime: (*m).into(), ..Default::default() })
+            .map(|m| proto::Codec {
+                mime: (*m).into(),
+                ..Default::default()
+            })
             .collect(),
         metadata: metadata.to_owned(),
         ..Default::default()
@@ -148,7 +157,11 @@ fn new_room(name: &str, empty_timeout: u32, departure_timeout: u32, max_particip
 
 /// Track events carry a room with only sid and name (livekit-facts §2).
 fn slim_room(room: &proto::Room) -> proto::Room {
-    proto::Room { sid: room.sid.clone(), name: room.name.clone(), ..Default::default() }
+    proto::Room {
+        sid: room.sid.clone(),
+        name: room.name.clone(),
+        ..Default::default()
+    }
 }
 
 impl Emulator {
@@ -188,11 +201,38 @@ impl Emulator {
                 }
                 (existing.info.clone(), vec![])
             } else {
-                let empty_timeout = if req.empty_timeout > 0 { req.empty_timeout } else { self.inner.config.default_empty_timeout };
-                let departure = if req.departure_timeout > 0 { req.departure_timeout } else { 20 };
-                let info = new_room(&req.name, empty_timeout, departure, req.max_participants, &req.metadata);
-                rooms.insert(req.name.clone(), Room { info: info.clone(), participants: vec![], dispatches: vec![], empty_epoch: 0 });
-                let event = PendingEvent { event: "room_started", room: info.clone(), participant: None, track: None };
+                let empty_timeout = if req.empty_timeout > 0 {
+                    req.empty_timeout
+                } else {
+                    self.inner.config.default_empty_timeout
+                };
+                let departure = if req.departure_timeout > 0 {
+                    req.departure_timeout
+                } else {
+                    20
+                };
+                let info = new_room(
+                    &req.name,
+                    empty_timeout,
+                    departure,
+                    req.max_participants,
+                    &req.metadata,
+                );
+                rooms.insert(
+                    req.name.clone(),
+                    Room {
+                        info: info.clone(),
+                        participants: vec![],
+                        dispatches: vec![],
+                        empty_epoch: 0,
+                    },
+                );
+                let event = PendingEvent {
+                    event: "room_started",
+                    room: info.clone(),
+                    participant: None,
+                    track: None,
+                };
                 (info, vec![event])
             }
         };
@@ -205,14 +245,19 @@ impl Emulator {
     }
 
     pub(crate) fn ensure_room(&self, name: &str) -> proto::Room {
-        self.upsert_room(&proto::CreateRoomRequest { name: name.to_owned(), ..Default::default() })
+        self.upsert_room(&proto::CreateRoomRequest {
+            name: name.to_owned(),
+            ..Default::default()
+        })
     }
 
     /// Closes `name` after its empty timeout unless someone joined meanwhile.
     pub(crate) fn schedule_empty_close(&self, name: &str) {
         let (epoch, timeout) = {
             let mut rooms = self.inner.rooms.lock();
-            let Some(room) = rooms.get_mut(name) else { return };
+            let Some(room) = rooms.get_mut(name) else {
+                return;
+            };
             if !room.participants.is_empty() {
                 return;
             }
@@ -237,16 +282,28 @@ impl Emulator {
 
     /// Removes a room, disconnecting everyone with `reason`, then `room_finished`.
     pub(crate) fn close_room(&self, name: &str, reason: proto::DisconnectReason) -> bool {
-        let Some(room) = self.inner.rooms.lock().remove(name) else { return false };
+        let Some(room) = self.inner.rooms.lock().remove(name) else {
+            return false;
+        };
         let mut events = Vec::new();
         for mut p in room.participants {
             p.state = proto::participant_info::State::Disconnected as i32;
             p.disconnect_reason = reason as i32;
-            events.push(PendingEvent { event: "participant_left", room: room.info.clone(), participant: Some(p), track: None });
+            events.push(PendingEvent {
+                event: "participant_left",
+                room: room.info.clone(),
+                participant: Some(p),
+                track: None,
+            });
         }
         let mut info = room.info;
         info.num_participants = 0;
-        events.push(PendingEvent { event: "room_finished", room: info, participant: None, track: None });
+        events.push(PendingEvent {
+            event: "room_finished",
+            room: info,
+            participant: None,
+            track: None,
+        });
         self.emit(events);
         true
     }
@@ -257,21 +314,47 @@ impl Emulator {
         let mut events = Vec::new();
         {
             let mut rooms = self.inner.rooms.lock();
-            let Some(room) = rooms.get_mut(room_name) else { return };
-            if let Some(pos) = room.participants.iter().position(|p| p.identity == participant.identity) {
+            let Some(room) = rooms.get_mut(room_name) else {
+                return;
+            };
+            if let Some(pos) = room
+                .participants
+                .iter()
+                .position(|p| p.identity == participant.identity)
+            {
                 let mut old = room.participants.remove(pos);
                 old.state = proto::participant_info::State::Disconnected as i32;
                 old.disconnect_reason = proto::DisconnectReason::DuplicateIdentity as i32;
-                events.push(PendingEvent { event: "participant_left", room: room.info.clone(), participant: Some(old), track: None });
+                events.push(PendingEvent {
+                    event: "participant_left",
+                    room: room.info.clone(),
+                    participant: Some(old),
+                    track: None,
+                });
             }
             room.participants.push(participant.clone());
             room.info.num_participants = room.participants.len() as u32;
-            room.info.num_publishers = room.participants.iter().filter(|p| p.is_publisher).count() as u32;
+            room.info.num_publishers =
+                room.participants.iter().filter(|p| p.is_publisher).count() as u32;
             let info = room.info.clone();
-            events.push(PendingEvent { event: "participant_joined", room: info.clone(), participant: Some(participant.clone()), track: None });
+            events.push(PendingEvent {
+                event: "participant_joined",
+                room: info.clone(),
+                participant: Some(participant.clone()),
+                track: None,
+            });
             if let Some(track) = participant.tracks.first() {
-                let slim = proto::ParticipantInfo { sid: participant.sid.clone(), identity: participant.identity.clone(), ..Default::default() };
-                events.push(PendingEvent { event: "track_published", room: slim_room(&info), participant: Some(slim), track: Some(track.clone()) });
+                let slim = proto::ParticipantInfo {
+                    sid: participant.sid.clone(),
+                    identity: participant.identity.clone(),
+                    ..Default::default()
+                };
+                events.push(PendingEvent {
+                    event: "track_published",
+                    room: slim_room(&info),
+                    participant: Some(slim),
+                    track: Some(track.clone()),
+                });
             }
         }
         self.emit(events);
@@ -279,19 +362,41 @@ impl Emulator {
 
     /// Removes a participant with `reason`: `participant_left` if it had connected,
     /// `participant_connection_aborted` if it never did. Returns it if it was there.
-    pub(crate) fn leave(&self, room_name: &str, identity: &str, reason: proto::DisconnectReason, sid: Option<&str>) -> Option<proto::ParticipantInfo> {
+    pub(crate) fn leave(
+        &self,
+        room_name: &str,
+        identity: &str,
+        reason: proto::DisconnectReason,
+        sid: Option<&str>,
+    ) -> Option<proto::ParticipantInfo> {
         let left = {
             let mut rooms = self.inner.rooms.lock();
             let room = rooms.get_mut(room_name)?;
-            let pos = room.participants.iter().position(|p| p.identity == identity && sid.is_none_or(|s| s == p.sid))?;
+            let pos = room
+                .participants
+                .iter()
+                .position(|p| p.identity == identity && sid.is_none_or(|s| s == p.sid))?;
             let mut p = room.participants.remove(pos);
             room.info.num_participants = room.participants.len() as u32;
-            room.info.num_publishers = room.participants.iter().filter(|p| p.is_publisher).count() as u32;
+            room.info.num_publishers =
+                room.participants.iter().filter(|p| p.is_publisher).count() as u32;
             let connected = p.state == proto::participant_info::State::Active as i32;
             p.state = proto::participant_info::State::Disconnected as i32;
             p.disconnect_reason = reason as i32;
-            let event = if connected { "participant_left" } else { "participant_connection_aborted" };
-            (PendingEvent { event, room: room.info.clone(), participant: Some(p.clone()), track: None }, p)
+            let event = if connected {
+                "participant_left"
+            } else {
+                "participant_connection_aborted"
+            };
+            (
+                PendingEvent {
+                    event,
+                    room: room.info.clone(),
+                    participant: Some(p.clone()),
+                    track: None,
+                },
+                p,
+            )
         };
         let (event, p) = left;
         self.emit(vec![event]);
@@ -302,7 +407,10 @@ impl Emulator {
     /// Updates one attribute of a participant (attribute changes produce no webhook).
     pub(crate) fn set_attribute(&self, room_name: &str, sid: &str, key: &str, value: &str) -> bool {
         let mut rooms = self.inner.rooms.lock();
-        let Some(p) = rooms.get_mut(room_name).and_then(|r| r.participants.iter_mut().find(|p| p.sid == sid)) else {
+        let Some(p) = rooms
+            .get_mut(room_name)
+            .and_then(|r| r.participants.iter_mut().find(|p| p.sid == sid))
+        else {
             return false;
         };
         p.attributes.insert(key.to_owned(), value.to_owned());
@@ -310,7 +418,18 @@ impl Emulator {
         true
     }
 
-    pub(crate) fn participant(&self, room_name: &str, identity: &str) -> Option<proto::ParticipantInfo> {
-        self.inner.rooms.lock().get(room_name)?.participants.iter().find(|p| p.identity == identity).cloned()
+    pub(crate) fn participant(
+        &self,
+        room_name: &str,
+        identity: &str,
+    ) -> Option<proto::ParticipantInfo> {
+        self.inner
+            .rooms
+            .lock()
+            .get(room_name)?
+            .participants
+            .iter()
+            .find(|p| p.identity == identity)
+            .cloned()
     }
 }

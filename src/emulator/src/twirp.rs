@@ -31,7 +31,11 @@ pub struct TwirpError {
 
 impl TwirpError {
     pub fn new(code: &str, msg: &str) -> Self {
-        Self { code: code.to_owned(), msg: msg.to_owned(), meta: HashMap::new() }
+        Self {
+            code: code.to_owned(),
+            msg: msg.to_owned(),
+            meta: HashMap::new(),
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -43,7 +47,12 @@ impl TwirpError {
         if !self.meta.is_empty() {
             body["meta"] = serde_json::to_value(&self.meta).unwrap_or_default();
         }
-        (self.status(), [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+        (
+            self.status(),
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response()
     }
 }
 
@@ -110,19 +119,26 @@ impl MockHeader {
     fn parse(headers: &HeaderMap) -> Result<Self, TwirpError> {
         match headers.get("x-lk-mock") {
             None => Ok(Self::default()),
-            Some(v) => serde_json::from_slice(v.as_bytes()).map_err(|e| TwirpError::new("malformed", &format!("bad X-Lk-Mock header: {e}"))),
+            Some(v) => serde_json::from_slice(v.as_bytes())
+                .map_err(|e| TwirpError::new("malformed", &format!("bad X-Lk-Mock header: {e}"))),
         }
     }
 
     fn fails_here(&self) -> bool {
         match &self.fail_regions {
             Some(regions) => regions.contains(&0),
-            None => self.fail_status.is_some() || self.fail_twirp_code.is_some() || self.fail_mode.is_some(),
+            None => {
+                self.fail_status.is_some()
+                    || self.fail_twirp_code.is_some()
+                    || self.fail_mode.is_some()
+            }
         }
     }
 
     fn pinned_elsewhere(&self) -> bool {
-        self.pinned_regions.as_ref().is_some_and(|r| !r.iter().any(|n| n == REGION))
+        self.pinned_regions
+            .as_ref()
+            .is_some_and(|r| !r.iter().any(|n| n == REGION))
     }
 }
 
@@ -137,16 +153,25 @@ async fn regions(State(emu): State<Emulator>, headers: HeaderMap) -> Response {
     let mock = MockHeader::parse(&headers).unwrap_or_default();
     let status = mock.regions_status.unwrap_or(200);
     if status != 200 {
-        return (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), "regions unavailable").into_response();
+        return (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "regions unavailable",
+        )
+            .into_response();
     }
     let url = emu.inner.self_url.lock().clone();
-    Json(serde_json::json!({"regions": [{"region": REGION, "url": url, "distance": "0"}]})).into_response()
+    Json(serde_json::json!({"regions": [{"region": REGION, "url": url, "distance": "0"}]}))
+        .into_response()
 }
 
 /// A response whose connection is cut before the body completes: a transport error for
 /// the client, as a dropped connection would be.
 fn dropped() -> Response {
-    let stream = futures::stream::once(async { Err::<Bytes, std::io::Error>(std::io::Error::other("connection dropped by fault injection")) });
+    let stream = futures::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::other(
+            "connection dropped by fault injection",
+        ))
+    });
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/protobuf")
@@ -156,13 +181,23 @@ fn dropped() -> Response {
 }
 
 fn plain_401(msg: &str) -> Response {
-    (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], msg.to_owned()).into_response()
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        msg.to_owned(),
+    )
+        .into_response()
 }
 
 /// Verifies `Authorization: Bearer <jwt>` against the configured keys.
 fn authenticate(emu: &Emulator, headers: &HeaderMap) -> Result<Claims, &'static str> {
-    let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or("authorization header missing")?;
-    let token = value.strip_prefix("Bearer ").ok_or("invalid authorization header. Must start with Bearer ")?;
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or("authorization header missing")?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .ok_or("invalid authorization header. Must start with Bearer ")?;
     let unverified = Claims::from_unverified(token).map_err(|_| "invalid authorization token")?;
     let secret = emu
         .inner
@@ -172,7 +207,9 @@ fn authenticate(emu: &Emulator, headers: &HeaderMap) -> Result<Claims, &'static 
         .find(|(k, _)| *k == unverified.iss)
         .map(|(_, s)| s.clone())
         .ok_or("invalid API key")?;
-    TokenVerifier::with_api_key(&unverified.iss, &secret).verify(token).map_err(|_| "invalid authorization token")
+    TokenVerifier::with_api_key(&unverified.iss, &secret)
+        .verify(token)
+        .map_err(|_| "invalid authorization token")
 }
 
 /// Grant checks; `None` claims = `skipAuth`.
@@ -196,7 +233,11 @@ impl Grants<'_> {
     }
     fn room_admin(&self, room: &str) -> Result<(), TwirpError> {
         match self.0 {
-            Some(c) if !c.video.room_admin || (!c.video.room.is_empty() && c.video.room != room) => Err(Self::denied()),
+            Some(c)
+                if !c.video.room_admin || (!c.video.room.is_empty() && c.video.room != room) =>
+            {
+                Err(Self::denied())
+            }
             _ => Ok(()),
         }
     }
@@ -220,16 +261,35 @@ enum Wire {
     Json,
 }
 
-fn decode<T: prost::Message + Default + DeserializeOwned>(wire: Wire, body: &[u8]) -> Result<T, TwirpError> {
+fn decode<T: prost::Message + Default + DeserializeOwned>(
+    wire: Wire,
+    body: &[u8],
+) -> Result<T, TwirpError> {
     match wire {
-        Wire::Protobuf => T::decode(body).map_err(|e| TwirpError::new("malformed", &format!("the protobuf request could not be decoded: {e}"))),
+        Wire::Protobuf => T::decode(body).map_err(|e| {
+            TwirpError::new(
+                "malformed",
+                &format!("the protobuf request could not be decoded: {e}"),
+            )
+        }),
         Wire::Json if body.is_empty() => Ok(T::default()),
-        Wire::Json => serde_json::from_slice(body).map_err(|e| TwirpError::new("malformed", &format!("the json request could not be decoded: {e}"))),
+        Wire::Json => serde_json::from_slice(body).map_err(|e| {
+            TwirpError::new(
+                "malformed",
+                &format!("the json request could not be decoded: {e}"),
+            )
+        }),
     }
 }
 
 /// Map-valued fields whose keys are data, not field names (left untouched by renaming).
-const MAP_FIELDS: [&str; 5] = ["attributes", "participantAttributes", "headers", "headersToAttributes", "attributesToHeaders"];
+const MAP_FIELDS: [&str; 5] = [
+    "attributes",
+    "participantAttributes",
+    "headers",
+    "headersToAttributes",
+    "attributesToHeaders",
+];
 
 fn to_snake(key: &str) -> String {
     let mut out = String::with_capacity(key.len() + 4);
@@ -250,7 +310,11 @@ fn proto_names(value: Value) -> Value {
         Value::Object(map) => Value::Object(
             map.into_iter()
                 .map(|(k, v)| {
-                    let v = if MAP_FIELDS.contains(&k.as_str()) { v } else { proto_names(v) };
+                    let v = if MAP_FIELDS.contains(&k.as_str()) {
+                        v
+                    } else {
+                        proto_names(v)
+                    };
                     (to_snake(&k), v)
                 })
                 .collect(),
@@ -262,10 +326,20 @@ fn proto_names(value: Value) -> Value {
 
 fn encode<T: prost::Message + Serialize>(wire: Wire, msg: &T) -> Response {
     match wire {
-        Wire::Protobuf => ([(header::CONTENT_TYPE, "application/protobuf")], msg.encode_to_vec()).into_response(),
+        Wire::Protobuf => (
+            [(header::CONTENT_TYPE, "application/protobuf")],
+            msg.encode_to_vec(),
+        )
+            .into_response(),
         Wire::Json => {
-            let value = serde_json::to_value(msg).map(proto_names).unwrap_or(Value::Null);
-            ([(header::CONTENT_TYPE, "application/json")], value.to_string()).into_response()
+            let value = serde_json::to_value(msg)
+                .map(proto_names)
+                .unwrap_or(Value::Null);
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                value.to_string(),
+            )
+                .into_response()
         }
     }
 }
@@ -273,7 +347,11 @@ fn encode<T: prost::Message + Serialize>(wire: Wire, msg: &T) -> Response {
 /// An empty message (`google.protobuf.Empty` or any message with no fields set).
 fn encode_empty(wire: Wire) -> Response {
     match wire {
-        Wire::Protobuf => ([(header::CONTENT_TYPE, "application/protobuf")], Vec::<u8>::new()).into_response(),
+        Wire::Protobuf => (
+            [(header::CONTENT_TYPE, "application/protobuf")],
+            Vec::<u8>::new(),
+        )
+            .into_response(),
         Wire::Json => ([(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
     }
 }
@@ -286,21 +364,37 @@ struct Summary {
     fields: HashMap<String, String>,
 }
 
-async fn handle(State(emu): State<Emulator>, Path((service_method, method)): Path<(String, String)>, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(emu): State<Emulator>,
+    Path((service_method, method)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let started = Instant::now();
     let at_ms = crate::ids::now_ms();
-    let service = service_method.strip_prefix("livekit.").unwrap_or(&service_method).to_owned();
+    let service = service_method
+        .strip_prefix("livekit.")
+        .unwrap_or(&service_method)
+        .to_owned();
     let mut summary = Summary::default();
     let response = serve(&emu, &service, &method, &headers, &body, &mut summary).await;
     let mut response = response;
-    response.headers_mut().insert("x-lk-mock-region", HeaderValue::from_static("0"));
+    response
+        .headers_mut()
+        .insert("x-lk-mock-region", HeaderValue::from_static("0"));
     let status = response.status().as_u16();
     let result = response
         .headers()
         .get("x-emulator-twirp-code")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-        .unwrap_or_else(|| if status == 200 { "ok".into() } else { format!("http_{status}") });
+        .unwrap_or_else(|| {
+            if status == 200 {
+                "ok".into()
+            } else {
+                format!("http_{status}")
+            }
+        });
     response.headers_mut().remove("x-emulator-twirp-code");
     emu.inner.record(ApiRecord {
         seq: emu.inner.next_seq(),
@@ -326,13 +420,24 @@ fn twirp_response(e: TwirpError) -> Response {
     r
 }
 
-async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap, body: &[u8], summary: &mut Summary) -> Response {
+async fn serve(
+    emu: &Emulator,
+    service: &str,
+    method: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    summary: &mut Summary,
+) -> Response {
     let mock = match MockHeader::parse(headers) {
         Ok(m) => m,
         Err(e) => return twirp_response(e),
     };
     if mock.pinned_elsewhere() {
-        return (StatusCode::from_u16(451).unwrap_or(StatusCode::FORBIDDEN), "region not allowed for this project").into_response();
+        return (
+            StatusCode::from_u16(451).unwrap_or(StatusCode::FORBIDDEN),
+            "region not allowed for this project",
+        )
+            .into_response();
     }
     let claims = if mock.skip_auth {
         None
@@ -342,11 +447,19 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
             Err(msg) => return plain_401(msg),
         }
     };
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let wire = match content_type.split(';').next().map(str::trim) {
         Some("application/protobuf") => Wire::Protobuf,
         Some("application/json") => Wire::Json,
-        _ => return twirp_response(TwirpError::new("bad_route", &format!("unexpected Content-Type: {content_type:?}"))),
+        _ => {
+            return twirp_response(TwirpError::new(
+                "bad_route",
+                &format!("unexpected Content-Type: {content_type:?}"),
+            ))
+        }
     };
 
     // Natural latency: X-Lk-Mock delayMs overrides the global per-method setting.
@@ -368,7 +481,10 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
             return dropped();
         }
         let status = mock.fail_status.unwrap_or(503);
-        let code = mock.fail_twirp_code.clone().unwrap_or_else(|| code_for_status(status).to_owned());
+        let code = mock
+            .fail_twirp_code
+            .clone()
+            .unwrap_or_else(|| code_for_status(status).to_owned());
         let mut r = twirp_response(TwirpError::new(&code, "injected failure (X-Lk-Mock)"));
         *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         return r;
@@ -392,7 +508,10 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
             match canned {
                 Some(v) => match serde_json::from_value::<$resp_ty>(v) {
                     Ok(r) => encode(wire, &r),
-                    Err(e) => twirp_response(TwirpError::new("malformed", &format!("bad X-Lk-Mock response: {e}"))),
+                    Err(e) => twirp_response(TwirpError::new(
+                        "malformed",
+                        &format!("bad X-Lk-Mock response: {e}"),
+                    )),
                 },
                 None => match $result {
                     Ok(r) => encode::<$resp_ty>(wire, &r),
@@ -426,8 +545,11 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
             let r = req!(proto::ListRoomsRequest);
             let result = grants.room_list().map(|_| {
                 let rooms = emu.inner.rooms.lock();
-                let mut list: Vec<proto::Room> =
-                    rooms.values().filter(|room| r.names.is_empty() || r.names.contains(&room.info.name)).map(|room| room.info.clone()).collect();
+                let mut list: Vec<proto::Room> = rooms
+                    .values()
+                    .filter(|room| r.names.is_empty() || r.names.contains(&room.info.name))
+                    .map(|room| room.info.clone())
+                    .collect();
                 list.sort_by(|a, b| a.name.cmp(&b.name));
                 proto::ListRoomsResponse { rooms: list }
             });
@@ -440,7 +562,10 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
                 if emu.close_room(&r.room, proto::DisconnectReason::RoomDeleted) {
                     Ok(proto::DeleteRoomResponse {})
                 } else {
-                    Err(TwirpError::new("not_found", "twirp error unknown: requested room does not exist"))
+                    Err(TwirpError::new(
+                        "not_found",
+                        "twirp error unknown: requested room does not exist",
+                    ))
                 }
             });
             reply!(proto::DeleteRoomResponse, result)
@@ -450,8 +575,15 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
             summary.room = Some(r.room.clone());
             let result = grants.room_admin(&r.room).and_then(|_| {
                 let rooms = emu.inner.rooms.lock();
-                let room = rooms.get(&r.room).ok_or_else(|| TwirpError::new("not_found", "twirp error unknown: requested room does not exist"))?;
-                Ok(proto::ListParticipantsResponse { participants: room.participants.clone() })
+                let room = rooms.get(&r.room).ok_or_else(|| {
+                    TwirpError::new(
+                        "not_found",
+                        "twirp error unknown: requested room does not exist",
+                    )
+                })?;
+                Ok(proto::ListParticipantsResponse {
+                    participants: room.participants.clone(),
+                })
             });
             reply!(proto::ListParticipantsResponse, result)
         }
@@ -461,12 +593,22 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
             summary.identity = Some(r.identity.clone());
             let result = grants.room_admin(&r.room).and_then(|_| {
                 let rooms = emu.inner.rooms.lock();
-                let room = rooms.get(&r.room).ok_or_else(|| TwirpError::new("not_found", "twirp error unknown: requested room does not exist"))?;
+                let room = rooms.get(&r.room).ok_or_else(|| {
+                    TwirpError::new(
+                        "not_found",
+                        "twirp error unknown: requested room does not exist",
+                    )
+                })?;
                 room.participants
                     .iter()
                     .find(|p| p.identity == r.identity)
                     .cloned()
-                    .ok_or_else(|| TwirpError::new("not_found", "twirp error unknown: participant does not exist"))
+                    .ok_or_else(|| {
+                        TwirpError::new(
+                            "not_found",
+                            "twirp error unknown: participant does not exist",
+                        )
+                    })
             });
             reply!(proto::ParticipantInfo, result)
         }
@@ -476,13 +618,26 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
             summary.identity = Some(r.identity.clone());
             let result = grants.room_admin(&r.room).and_then(|_| {
                 if !emu.inner.rooms.lock().contains_key(&r.room) {
-                    return Err(TwirpError::new("not_found", "twirp error unknown: requested room does not exist"));
+                    return Err(TwirpError::new(
+                        "not_found",
+                        "twirp error unknown: requested room does not exist",
+                    ));
                 }
-                let p = emu.participant(&r.room, &r.identity).ok_or_else(|| TwirpError::new("not_found", "twirp error unknown: participant does not exist"))?;
+                let p = emu.participant(&r.room, &r.identity).ok_or_else(|| {
+                    TwirpError::new(
+                        "not_found",
+                        "twirp error unknown: participant does not exist",
+                    )
+                })?;
                 if p.kind == proto::participant_info::Kind::Sip as i32 {
                     emu.set_attribute(&r.room, &p.sid, "sip.callStatus", "hangup");
                 }
-                emu.leave(&r.room, &r.identity, proto::DisconnectReason::ParticipantRemoved, None);
+                emu.leave(
+                    &r.room,
+                    &r.identity,
+                    proto::DisconnectReason::ParticipantRemoved,
+                    None,
+                );
                 Ok(proto::RemoveParticipantResponse {})
             });
             reply!(proto::RemoveParticipantResponse, result)
@@ -490,7 +645,9 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
         ("AgentDispatchService", "CreateDispatch") => {
             let r = req!(proto::CreateAgentDispatchRequest);
             summary.room = Some(r.room.clone());
-            summary.fields.insert("agent_name".into(), r.agent_name.clone());
+            summary
+                .fields
+                .insert("agent_name".into(), r.agent_name.clone());
             let result = grants.room_admin(&r.room).and_then(|_| {
                 if r.room.is_empty() {
                     return Err(TwirpError::new("invalid_argument", "room name is required"));
@@ -501,13 +658,22 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
                     agent_name: r.agent_name.clone(),
                     room: r.room.clone(),
                     metadata: r.metadata.clone(),
-                    state: Some(proto::AgentDispatchState { jobs: vec![], created_at: chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(), deleted_at: 0 }),
+                    state: Some(proto::AgentDispatchState {
+                        jobs: vec![],
+                        created_at: chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+                        deleted_at: 0,
+                    }),
                     restart_policy: r.restart_policy,
                     deployment: r.deployment.clone(),
                     attributes: r.attributes.clone(),
                 };
                 let mut rooms = emu.inner.rooms.lock();
-                let room = rooms.get_mut(&r.room).ok_or_else(|| TwirpError::new("not_found", "twirp error unknown: requested room does not exist"))?;
+                let room = rooms.get_mut(&r.room).ok_or_else(|| {
+                    TwirpError::new(
+                        "not_found",
+                        "twirp error unknown: requested room does not exist",
+                    )
+                })?;
                 room.dispatches.push(dispatch.clone());
                 Ok(dispatch)
             });
@@ -523,7 +689,13 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
                 let rooms = emu.inner.rooms.lock();
                 let agent_dispatches = rooms
                     .get(&r.room)
-                    .map(|room| room.dispatches.iter().filter(|d| r.dispatch_id.is_empty() || d.id == r.dispatch_id).cloned().collect())
+                    .map(|room| {
+                        room.dispatches
+                            .iter()
+                            .filter(|d| r.dispatch_id.is_empty() || d.id == r.dispatch_id)
+                            .cloned()
+                            .collect()
+                    })
                     .unwrap_or_default();
                 proto::ListAgentDispatchResponse { agent_dispatches }
             });
@@ -534,8 +706,19 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
             summary.room = Some(r.room.clone());
             let result = grants.room_admin(&r.room).and_then(|_| {
                 let mut rooms = emu.inner.rooms.lock();
-                let room = rooms.get_mut(&r.room).ok_or_else(|| TwirpError::new("not_found", "twirp error unknown: requested room does not exist"))?;
-                let pos = room.dispatches.iter().position(|d| d.id == r.dispatch_id).ok_or_else(|| TwirpError::new("not_found", "twirp error unknown: dispatch not found"))?;
+                let room = rooms.get_mut(&r.room).ok_or_else(|| {
+                    TwirpError::new(
+                        "not_found",
+                        "twirp error unknown: requested room does not exist",
+                    )
+                })?;
+                let pos = room
+                    .dispatches
+                    .iter()
+                    .position(|d| d.id == r.dispatch_id)
+                    .ok_or_else(|| {
+                        TwirpError::new("not_found", "twirp error unknown: dispatch not found")
+                    })?;
                 let mut d = room.dispatches.remove(pos);
                 if let Some(state) = d.state.as_mut() {
                     state.deleted_at = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
@@ -548,9 +731,16 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
             let r = req!(proto::CreateSipParticipantRequest);
             summary.room = Some(r.room_name.clone());
             summary.identity = Some(r.participant_identity.clone());
-            summary.fields.insert("sip_call_to".into(), r.sip_call_to.clone());
-            summary.fields.insert("sip_trunk_id".into(), r.sip_trunk_id.clone());
-            summary.fields.insert("wait_until_answered".into(), r.wait_until_answered.to_string());
+            summary
+                .fields
+                .insert("sip_call_to".into(), r.sip_call_to.clone());
+            summary
+                .fields
+                .insert("sip_trunk_id".into(), r.sip_trunk_id.clone());
+            summary.fields.insert(
+                "wait_until_answered".into(),
+                r.wait_until_answered.to_string(),
+            );
             let result = match grants.sip_call() {
                 Ok(()) => sip::create_sip_participant(emu, r, forced_sip).await,
                 Err(e) => Err(e),
@@ -561,8 +751,13 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
             let r = req!(proto::TransferSipParticipantRequest);
             summary.room = Some(r.room_name.clone());
             summary.identity = Some(r.participant_identity.clone());
-            summary.fields.insert("transfer_to".into(), r.transfer_to.clone());
-            let result = match grants.sip_call().and_then(|_| grants.room_admin(&r.room_name)) {
+            summary
+                .fields
+                .insert("transfer_to".into(), r.transfer_to.clone());
+            let result = match grants
+                .sip_call()
+                .and_then(|_| grants.room_admin(&r.room_name))
+            {
                 Ok(()) => sip::transfer(emu, r, forced_sip).await.map(|_| ()),
                 Err(e) => Err(e),
             };
@@ -571,7 +766,8 @@ async fn serve(emu: &Emulator, service: &str, method: &str, headers: &HeaderMap,
                 Err(e) => twirp_response(e),
             }
         }
-        ("SIP", m) if m.contains("Trunk") || m.contains("DispatchRule") => match grants.sip_admin() {
+        ("SIP", m) if m.contains("Trunk") || m.contains("DispatchRule") => match grants.sip_admin()
+        {
             // Trunk and dispatch-rule CRUD is not modelled: like LiveKit's mock, an empty message.
             Ok(()) => encode_empty(wire),
             Err(e) => twirp_response(e),

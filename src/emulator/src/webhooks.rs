@@ -37,7 +37,10 @@ impl WebhookSender {
     pub fn new() -> Self {
         Self {
             queues: Mutex::new(HashMap::new()),
-            client: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
         }
     }
 
@@ -58,7 +61,13 @@ impl WebhookSender {
             }
         };
         for url in urls {
-            let item = Queued { id: event.id.clone(), event: event.event.clone(), room: room.to_owned(), body: Arc::clone(&body), enqueued: Instant::now() };
+            let item = Queued {
+                id: event.id.clone(),
+                event: event.event.clone(),
+                room: room.to_owned(),
+                body: Arc::clone(&body),
+                enqueued: Instant::now(),
+            };
             let mut queues = self.queues.lock();
             let key = (url.clone(), room.to_owned());
             let item = match queues.get(&key) {
@@ -85,7 +94,11 @@ impl Default for WebhookSender {
 /// Signs `body` exactly as LiveKit's notifier does.
 pub fn sign(api_key: &str, api_secret: &str, body: &[u8]) -> Option<String> {
     let digest = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(body));
-    AccessToken::with_api_key(api_key, api_secret).with_ttl(Duration::from_secs(300)).with_sha256(&digest).to_jwt().ok()
+    AccessToken::with_api_key(api_key, api_secret)
+        .with_ttl(Duration::from_secs(300))
+        .with_sha256(&digest)
+        .to_jwt()
+        .ok()
 }
 
 async fn deliver_queue(emu: Emulator, url: String, mut rx: mpsc::UnboundedReceiver<Queued>) {
@@ -129,13 +142,14 @@ async fn deliver_queue(emu: Emulator, url: String, mut rx: mpsc::UnboundedReceiv
             }
             continue;
         }
-        let copy = (duplicate > 0.0 && rand::rng().random_bool(duplicate.min(1.0))).then(|| Queued {
-            id: item.id.clone(),
-            event: item.event.clone(),
-            room: item.room.clone(),
-            body: Arc::clone(&item.body),
-            enqueued: item.enqueued,
-        });
+        let copy =
+            (duplicate > 0.0 && rand::rng().random_bool(duplicate.min(1.0))).then(|| Queued {
+                id: item.id.clone(),
+                event: item.event.clone(),
+                room: item.room.clone(),
+                body: Arc::clone(&item.body),
+                enqueued: item.enqueued,
+            });
         deliver(&emu, &url, item).await;
         if let Some(copy) = copy {
             deliver_marked(&emu, &url, copy, true).await;

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use livekit_api::services::agent_dispatch::AgentDispatchClient;
 use livekit_api::services::room::{CreateRoomOptions, RoomClient};
-use livekit_api::services::sip::{CreateSIPParticipantOptions, SIPClient, TransferSIPParticipantOptions};
+use livekit_api::services::sip::{
+    CreateSIPParticipantOptions, SIPClient, TransferSIPParticipantOptions,
+};
 use livekit_api::services::{ServerError, ServiceError};
 use livekit_protocol as proto;
 
@@ -24,18 +26,24 @@ pub struct LiveKitApi {
 
 impl std::fmt::Debug for LiveKitApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveKitApi").field("timeout", &self.timeout).finish_non_exhaustive()
+        f.debug_struct("LiveKitApi")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
 impl LiveKitApi {
     pub fn new(url: &str, api_key: &str, api_secret: &str, timeout: Duration) -> Self {
         Self {
-            room: RoomClient::with_api_key(url, api_key, api_secret).with_failover(false).with_request_timeout(timeout),
+            room: RoomClient::with_api_key(url, api_key, api_secret)
+                .with_failover(false)
+                .with_request_timeout(timeout),
             dispatch: AgentDispatchClient::with_api_key(url, api_key, api_secret)
                 .with_failover(false)
                 .with_request_timeout(timeout),
-            sip: SIPClient::with_api_key(url, api_key, api_secret).with_failover(false).with_request_timeout(timeout),
+            sip: SIPClient::with_api_key(url, api_key, api_secret)
+                .with_failover(false)
+                .with_request_timeout(timeout),
             timeout,
         }
     }
@@ -47,7 +55,10 @@ pub fn api_failure(err: &ServiceError) -> ApiFailure {
         ServiceError::Twirp(ServerError::Twirp(code)) => ApiFailure::Twirp {
             code: code.code.clone(),
             msg: code.msg.clone(),
-            sip_status_code: code.meta.get("sip_status_code").and_then(|v| v.parse().ok()),
+            sip_status_code: code
+                .meta
+                .get("sip_status_code")
+                .and_then(|v| v.parse().ok()),
             sip_status: code.meta.get("sip_status").cloned(),
         },
         ServiceError::Twirp(ServerError::Request(e)) if e.is_timeout() => ApiFailure::Timeout,
@@ -65,7 +76,10 @@ async fn observe<T>(
     let started = Instant::now();
     let result = fut.await;
     let elapsed = started.elapsed().as_secs_f64();
-    let result = result.map_err(|e| LiveKitError { method, failure: api_failure(&e) });
+    let result = result.map_err(|e| LiveKitError {
+        method,
+        failure: api_failure(&e),
+    });
     let code = match &result {
         Ok(_) => "ok",
         Err(e) => e.failure.code_label(),
@@ -77,8 +91,17 @@ async fn observe<T>(
 
 #[async_trait]
 impl LiveKit for LiveKitApi {
-    async fn create_room(&self, name: &str, metadata: &str, empty_timeout_s: u32) -> Result<proto::Room, LiveKitError> {
-        let options = CreateRoomOptions { empty_timeout: empty_timeout_s, metadata: metadata.to_owned(), ..Default::default() };
+    async fn create_room(
+        &self,
+        name: &str,
+        metadata: &str,
+        empty_timeout_s: u32,
+    ) -> Result<proto::Room, LiveKitError> {
+        let options = CreateRoomOptions {
+            empty_timeout: empty_timeout_s,
+            metadata: metadata.to_owned(),
+            ..Default::default()
+        };
         observe("CreateRoom", self.room.create_room(name, options)).await
     }
 
@@ -86,11 +109,18 @@ impl LiveKit for LiveKitApi {
         observe("DeleteRoom", self.room.delete_room(name)).await
     }
 
-    async fn list_participants(&self, room: &str) -> Result<Vec<proto::ParticipantInfo>, LiveKitError> {
+    async fn list_participants(
+        &self,
+        room: &str,
+    ) -> Result<Vec<proto::ParticipantInfo>, LiveKitError> {
         observe("ListParticipants", self.room.list_participants(room)).await
     }
 
-    async fn get_participant(&self, room: &str, identity: &str) -> Result<Option<proto::ParticipantInfo>, LiveKitError> {
+    async fn get_participant(
+        &self,
+        room: &str,
+        identity: &str,
+    ) -> Result<Option<proto::ParticipantInfo>, LiveKitError> {
         match observe("GetParticipant", self.room.get_participant(room, identity)).await {
             Ok(p) => Ok(Some(p)),
             Err(e) if e.is_not_found() => Ok(None),
@@ -99,10 +129,19 @@ impl LiveKit for LiveKitApi {
     }
 
     async fn remove_participant(&self, room: &str, identity: &str) -> Result<(), LiveKitError> {
-        observe("RemoveParticipant", self.room.remove_participant(room, identity)).await
+        observe(
+            "RemoveParticipant",
+            self.room.remove_participant(room, identity),
+        )
+        .await
     }
 
-    async fn create_dispatch(&self, room: &str, agent_name: &str, metadata: &str) -> Result<proto::AgentDispatch, LiveKitError> {
+    async fn create_dispatch(
+        &self,
+        room: &str,
+        agent_name: &str,
+        metadata: &str,
+    ) -> Result<proto::AgentDispatch, LiveKitError> {
         let request = proto::CreateAgentDispatchRequest {
             agent_name: agent_name.to_owned(),
             room: room.to_owned(),
@@ -117,10 +156,19 @@ impl LiveKit for LiveKitApi {
     }
 
     async fn delete_dispatch(&self, room: &str, dispatch_id: &str) -> Result<(), LiveKitError> {
-        observe("DeleteDispatch", async { self.dispatch.delete_dispatch(dispatch_id, room).await.map(|_| ()) }).await
+        observe("DeleteDispatch", async {
+            self.dispatch
+                .delete_dispatch(dispatch_id, room)
+                .await
+                .map(|_| ())
+        })
+        .await
     }
 
-    async fn create_sip_participant(&self, request: DialRequest) -> Result<proto::SipParticipantInfo, LiveKitError> {
+    async fn create_sip_participant(
+        &self,
+        request: DialRequest,
+    ) -> Result<proto::SipParticipantInfo, LiveKitError> {
         let options = CreateSIPParticipantOptions {
             participant_identity: request.participant_identity,
             participant_name: request.participant_name,
@@ -134,12 +182,23 @@ impl LiveKit for LiveKitApi {
         };
         observe(
             "CreateSIPParticipant",
-            self.sip.create_sip_participant(request.trunk_id, request.call_to, request.room_name, options, None),
+            self.sip.create_sip_participant(
+                request.trunk_id,
+                request.call_to,
+                request.room_name,
+                options,
+                None,
+            ),
         )
         .await
     }
 
-    async fn transfer_sip_participant(&self, room: &str, identity: &str, transfer_to: &str) -> Result<(), LiveKitError> {
+    async fn transfer_sip_participant(
+        &self,
+        room: &str,
+        identity: &str,
+        transfer_to: &str,
+    ) -> Result<(), LiveKitError> {
         observe(
             "TransferSIPParticipant",
             self.sip.transfer_sip_participant(

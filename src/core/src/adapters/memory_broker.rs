@@ -12,7 +12,9 @@ use tokio::sync::{mpsc, Mutex, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::delay::MAX_DELAY;
-use crate::ports::broker::{headers, Acker, Broker, BrokerError, DeadLetter, Delivery, Message, Subscription, WorkQueue};
+use crate::ports::broker::{
+    headers, Acker, Broker, BrokerError, DeadLetter, Delivery, Message, Subscription, WorkQueue,
+};
 
 #[derive(Clone)]
 pub struct MemoryBroker {
@@ -51,7 +53,10 @@ impl MemoryBroker {
         Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
-                notify: WorkQueue::ALL.into_iter().map(|q| (q, Notify::new())).collect(),
+                notify: WorkQueue::ALL
+                    .into_iter()
+                    .map(|q| (q, Notify::new()))
+                    .collect(),
                 delivery_limit,
             }),
         }
@@ -86,7 +91,12 @@ impl Inner {
             metrics::counter!(crate::telemetry::metrics::DEAD_LETTERS, "queue" => queue.as_str(), "reason" => "delivery_limit").increment(1);
             Self::dead_letter_locked(state, stored.message, "delivery_limit");
         } else {
-            state.queues.entry(queue).or_default().ready.push_front(stored);
+            state
+                .queues
+                .entry(queue)
+                .or_default()
+                .ready
+                .push_front(stored);
         }
     }
 
@@ -98,12 +108,33 @@ impl Inner {
             tokio::spawn(async move {
                 let wait = (due - Utc::now()).to_std().unwrap_or_default();
                 tokio::time::sleep(wait).await;
-                inner.state.lock().await.queues.entry(queue).or_default().ready.push_back(Stored { message, redeliveries: 0 });
+                inner
+                    .state
+                    .lock()
+                    .await
+                    .queues
+                    .entry(queue)
+                    .or_default()
+                    .ready
+                    .push_back(Stored {
+                        message,
+                        redeliveries: 0,
+                    });
                 inner.wake(queue);
             });
             return;
         }
-        self.state.lock().await.queues.entry(queue).or_default().ready.push_back(Stored { message, redeliveries: 0 });
+        self.state
+            .lock()
+            .await
+            .queues
+            .entry(queue)
+            .or_default()
+            .ready
+            .push_back(Stored {
+                message,
+                redeliveries: 0,
+            });
         self.wake(queue);
     }
 }
@@ -134,16 +165,32 @@ struct MemoryAcker {
 impl Acker for MemoryAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
         let mut state = self.inner.state.lock().await;
-        match state.queues.entry(self.queue).or_default().unacked.remove(&self.tag) {
+        match state
+            .queues
+            .entry(self.queue)
+            .or_default()
+            .unacked
+            .remove(&self.tag)
+        {
             Some(_) => Ok(()),
-            None => Err(BrokerError::Protocol("unknown delivery tag (already answered or handed back)".into())),
+            None => Err(BrokerError::Protocol(
+                "unknown delivery tag (already answered or handed back)".into(),
+            )),
         }
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {
         let mut state = self.inner.state.lock().await;
-        let Some((stored, _)) = state.queues.entry(self.queue).or_default().unacked.remove(&self.tag) else {
-            return Err(BrokerError::Protocol("unknown delivery tag (already answered or handed back)".into()));
+        let Some((stored, _)) = state
+            .queues
+            .entry(self.queue)
+            .or_default()
+            .unacked
+            .remove(&self.tag)
+        else {
+            return Err(BrokerError::Protocol(
+                "unknown delivery tag (already answered or handed back)".into(),
+            ));
         };
         self.inner.hand_back_locked(&mut state, self.queue, stored);
         drop(state);
@@ -168,7 +215,11 @@ impl Broker for MemoryBroker {
         results
     }
 
-    async fn subscribe(&self, queue: WorkQueue, prefetch: u16) -> Result<Subscription, BrokerError> {
+    async fn subscribe(
+        &self,
+        queue: WorkQueue,
+        prefetch: u16,
+    ) -> Result<Subscription, BrokerError> {
         let (tx, rx) = mpsc::channel(1);
         let stop = CancellationToken::new();
         let inner = Arc::clone(&self.inner);
@@ -207,11 +258,18 @@ impl Broker for MemoryBroker {
                         _ = notified => {},
                     }
                 };
-                let Some((message, redeliveries, tag)) = delivery else { break };
+                let Some((message, redeliveries, tag)) = delivery else {
+                    break;
+                };
                 let delivery = Delivery {
                     message,
                     redeliveries,
-                    acker: Box::new(MemoryAcker { inner: Arc::clone(&inner), queue, tag, _permit: permit }),
+                    acker: Box::new(MemoryAcker {
+                        inner: Arc::clone(&inner),
+                        queue,
+                        tag,
+                        _permit: permit,
+                    }),
                 };
                 if tx.send(delivery).await.is_err() {
                     break;
@@ -220,7 +278,12 @@ impl Broker for MemoryBroker {
             // The consumer went away: everything it still holds goes back to the queue.
             let mut state = inner.state.lock().await;
             let qs = state.queues.entry(queue).or_default();
-            let mine: Vec<u64> = qs.unacked.iter().filter(|(_, (_, c))| *c == consumer).map(|(t, _)| *t).collect();
+            let mine: Vec<u64> = qs
+                .unacked
+                .iter()
+                .filter(|(_, (_, c))| *c == consumer)
+                .map(|(t, _)| *t)
+                .collect();
             let mut handed_back = Vec::new();
             for tag in mine {
                 if let Some((stored, _)) = qs.unacked.remove(&tag) {
@@ -244,10 +307,23 @@ impl Broker for MemoryBroker {
     }
 
     async fn list_dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
-        Ok(self.inner.state.lock().await.dead.iter().take(limit).cloned().collect())
+        Ok(self
+            .inner
+            .state
+            .lock()
+            .await
+            .dead
+            .iter()
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
-    async fn replay_dead_letters(&self, message_id: Option<&str>, limit: usize) -> Result<usize, BrokerError> {
+    async fn replay_dead_letters(
+        &self,
+        message_id: Option<&str>,
+        limit: usize,
+    ) -> Result<usize, BrokerError> {
         let replayed: Vec<DeadLetter> = {
             let mut state = self.inner.state.lock().await;
             let mut kept = VecDeque::new();

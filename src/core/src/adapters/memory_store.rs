@@ -10,7 +10,9 @@ use bytes::Bytes;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::ports::store::{CasOutcome, IndexPage, LockToken, RateDecision, Store, StoreError, Versioned};
+use crate::ports::store::{
+    CasOutcome, IndexPage, LockToken, RateDecision, Store, StoreError, Versioned,
+};
 
 #[derive(Clone, Default)]
 pub struct MemoryStore {
@@ -55,12 +57,18 @@ pub(crate) fn decode_cursor(cursor: &str) -> Option<(i64, String)> {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn create_record(&self, id: &str, data: Bytes, index_score: Option<i64>) -> Result<bool, StoreError> {
+    async fn create_record(
+        &self,
+        id: &str,
+        data: Bytes,
+        index_score: Option<i64>,
+    ) -> Result<bool, StoreError> {
         let mut s = self.state.lock().await;
         if s.records.contains_key(id) {
             return Ok(false);
         }
-        s.records.insert(id.to_owned(), Versioned { version: 1, data });
+        s.records
+            .insert(id.to_owned(), Versioned { version: 1, data });
         if let Some(score) = index_score {
             s.index.insert((score, id.to_owned()), ());
         }
@@ -71,7 +79,12 @@ impl Store for MemoryStore {
         Ok(self.state.lock().await.records.get(id).cloned())
     }
 
-    async fn update_record(&self, id: &str, expected_version: u64, data: Bytes) -> Result<CasOutcome, StoreError> {
+    async fn update_record(
+        &self,
+        id: &str,
+        expected_version: u64,
+        data: Bytes,
+    ) -> Result<CasOutcome, StoreError> {
         let mut s = self.state.lock().await;
         match s.records.get_mut(id) {
             Some(rec) if rec.version == expected_version => {
@@ -83,7 +96,11 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn list_index(&self, cursor: Option<&str>, limit: usize) -> Result<IndexPage, StoreError> {
+    async fn list_index(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<IndexPage, StoreError> {
         let s = self.state.lock().await;
         let upper = cursor.and_then(decode_cursor);
         let mut ids = Vec::new();
@@ -103,7 +120,12 @@ impl Store for MemoryStore {
         Ok(IndexPage { ids, next: None })
     }
 
-    async fn claim_key(&self, key: &str, value: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
+    async fn claim_key(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
         let mut s = self.state.lock().await;
         let now = Instant::now();
         if let Some(existing) = s.live_key(key, now) {
@@ -124,7 +146,10 @@ impl Store for MemoryStore {
     }
 
     async fn first_seen(&self, event_id: &str, ttl: Duration) -> Result<bool, StoreError> {
-        Ok(self.claim_key(&format!("seen:{event_id}"), "1", ttl).await?.is_none())
+        Ok(self
+            .claim_key(&format!("seen:{event_id}"), "1", ttl)
+            .await?
+            .is_none())
     }
 
     async fn forget_seen(&self, event_id: &str) -> Result<(), StoreError> {
@@ -139,7 +164,12 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn extend_lock(&self, name: &str, token: &LockToken, ttl: Duration) -> Result<bool, StoreError> {
+    async fn extend_lock(
+        &self,
+        name: &str,
+        token: &LockToken,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         let mut s = self.state.lock().await;
         let key = format!("lock:{name}");
         let now = Instant::now();
@@ -160,7 +190,12 @@ impl Store for MemoryStore {
         Ok(false)
     }
 
-    async fn rate_limit(&self, key: &str, per_second: f64, burst: u32) -> Result<RateDecision, StoreError> {
+    async fn rate_limit(
+        &self,
+        key: &str,
+        per_second: f64,
+        burst: u32,
+    ) -> Result<RateDecision, StoreError> {
         let mut s = self.state.lock().await;
         let now = Instant::now();
         let interval = Duration::from_secs_f64(1.0 / per_second.max(1e-6));
@@ -173,7 +208,13 @@ impl Store for MemoryStore {
         Ok(RateDecision::Allowed)
     }
 
-    async fn acquire_lease(&self, pool: &str, holder: &str, max: u32, ttl: Duration) -> Result<bool, StoreError> {
+    async fn acquire_lease(
+        &self,
+        pool: &str,
+        holder: &str,
+        max: u32,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         let mut s = self.state.lock().await;
         let now = Instant::now();
         let leases = s.leases.entry(pool.to_owned()).or_default();
@@ -187,7 +228,10 @@ impl Store for MemoryStore {
 
     async fn release_lease(&self, pool: &str, holder: &str) -> Result<bool, StoreError> {
         let mut s = self.state.lock().await;
-        Ok(s.leases.get_mut(pool).and_then(|l| l.remove(holder)).is_some())
+        Ok(s.leases
+            .get_mut(pool)
+            .and_then(|l| l.remove(holder))
+            .is_some())
     }
 
     async fn live_leases(&self, pool: &str) -> Result<u64, StoreError> {

@@ -36,7 +36,11 @@ pub enum BackendError {
 
 impl Backends {
     /// Connects the chosen adapters (failing fast when a service is unreachable).
-    pub async fn connect(config: &BackendConfig, broker: BrokerKind, store: StoreKind) -> Result<Self, BackendError> {
+    pub async fn connect(
+        config: &BackendConfig,
+        broker: BrokerKind,
+        store: StoreKind,
+    ) -> Result<Self, BackendError> {
         let broker: Arc<dyn Broker> = match broker {
             BrokerKind::Memory => Arc::new(MemoryBroker::new(config.delivery_limit)),
             BrokerKind::Rabbitmq => Arc::new(
@@ -51,9 +55,14 @@ impl Backends {
         };
         let store: Arc<dyn Store> = match store {
             StoreKind::Memory => Arc::new(MemoryStore::new()),
-            StoreKind::Redis => {
-                Arc::new(RedisStore::connect(config.redis_url.expose_secret(), &config.key_prefix, config.io_timeout()).await?)
-            }
+            StoreKind::Redis => Arc::new(
+                RedisStore::connect(
+                    config.redis_url.expose_secret(),
+                    &config.key_prefix,
+                    config.io_timeout(),
+                )
+                .await?,
+            ),
         };
         Ok(Self { broker, store })
     }

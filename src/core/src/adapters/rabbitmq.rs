@@ -23,16 +23,21 @@ use bytes::Bytes;
 use chrono::{TimeZone, Utc};
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::delay::{self, DELAY_TIERS, MAX_DELAY};
-use crate::ports::broker::{headers, Acker, Broker, BrokerError, DeadLetter, Delivery, Message, Subscription, WorkQueue};
+use crate::ports::broker::{
+    headers, Acker, Broker, BrokerError, DeadLetter, Delivery, Message, Subscription, WorkQueue,
+};
 use crate::telemetry::metrics as m;
 
 /// Header the work exchange routes on.
@@ -81,7 +86,12 @@ impl RabbitBroker {
     /// Connects and declares the topology, failing fast (within `publish_timeout`) if the
     /// broker is unreachable.
     pub async fn connect(config: RabbitConfig) -> Result<Self, BrokerError> {
-        let broker = Self { inner: Arc::new(Inner { config, live: Mutex::new(None) }) };
+        let broker = Self {
+            inner: Arc::new(Inner {
+                config,
+                live: Mutex::new(None),
+            }),
+        };
         broker.inner.publisher().await?;
         Ok(broker)
     }
@@ -114,64 +124,118 @@ impl Inner {
     }
 
     async fn open(&self) -> Result<Live, BrokerError> {
-        let connect = Connection::connect(&self.config.url, ConnectionProperties::default());
+        // Named after the prefix so operators (and tests) can find this fleet's connections.
+        let properties = ConnectionProperties::default()
+            .with_connection_name(LongString::from(self.config.prefix.as_bytes().to_vec()));
+        let connect = Connection::connect(&self.config.url, properties);
         let connection = tokio::time::timeout(self.config.publish_timeout, connect)
             .await
-            .map_err(|_| BrokerError::Unavailable(format!("no connection within {:?}", self.config.publish_timeout)))?
+            .map_err(|_| {
+                BrokerError::Unavailable(format!(
+                    "no connection within {:?}",
+                    self.config.publish_timeout
+                ))
+            })?
             .map_err(unavailable)?;
         let channel = connection.create_channel().await.map_err(unavailable)?;
         self.declare_topology(&channel).await?;
         let publisher = connection.create_channel().await.map_err(unavailable)?;
-        publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(unavailable)?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(unavailable)?;
         let _ = channel.close(200, s("topology declared")).await;
-        Ok(Live { connection: Arc::new(connection), publisher })
+        Ok(Live {
+            connection: Arc::new(connection),
+            publisher,
+        })
     }
 
     /// Declares everything; idempotent (same arguments every time).
     async fn declare_topology(&self, ch: &Channel) -> Result<(), BrokerError> {
-        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        ch.exchange_declare(s(&self.work_exchange()), ExchangeKind::Headers, durable, FieldTable::default())
-            .await
-            .map_err(unavailable)?;
-        ch.exchange_declare(s(&self.dlx()), ExchangeKind::Fanout, durable, FieldTable::default())
-            .await
-            .map_err(unavailable)?;
-        let queue_opts = QueueDeclareOptions { durable: true, ..Default::default() };
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            s(&self.work_exchange()),
+            ExchangeKind::Headers,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+        ch.exchange_declare(
+            s(&self.dlx()),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+        let queue_opts = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
 
         // The parking lot: no delivery limit, so inspecting it never loses anything.
         let mut dead_args = FieldTable::default();
         dead_args.insert(s("x-queue-type"), long("quorum"));
-        ch.queue_declare(s(&self.dead_queue()), queue_opts, dead_args).await.map_err(unavailable)?;
-        ch.queue_bind(s(&self.dead_queue()), s(&self.dlx()), s(""), QueueBindOptions::default(), FieldTable::default())
+        ch.queue_declare(s(&self.dead_queue()), queue_opts, dead_args)
             .await
             .map_err(unavailable)?;
+        ch.queue_bind(
+            s(&self.dead_queue()),
+            s(&self.dlx()),
+            s(""),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
 
         for queue in WorkQueue::ALL {
             let mut args = FieldTable::default();
             args.insert(s("x-queue-type"), long("quorum"));
-            args.insert(s("x-delivery-limit"), AMQPValue::LongLongInt(i64::from(self.config.delivery_limit)));
+            args.insert(
+                s("x-delivery-limit"),
+                AMQPValue::LongLongInt(i64::from(self.config.delivery_limit)),
+            );
             args.insert(s("x-dead-letter-exchange"), long(&self.dlx()));
             // At-least-once dead-lettering: a dead letter is never dropped in transit.
             args.insert(s("x-dead-letter-strategy"), long("at-least-once"));
             args.insert(s("x-overflow"), long("reject-publish"));
             let name = self.queue_name(queue);
-            ch.queue_declare(s(&name), queue_opts, args).await.map_err(unavailable)?;
+            ch.queue_declare(s(&name), queue_opts, args)
+                .await
+                .map_err(unavailable)?;
             let mut bind = FieldTable::default();
             bind.insert(s("x-match"), long("all"));
             bind.insert(s(ROUTE_HEADER), long(queue.as_str()));
-            ch.queue_bind(s(&name), s(&self.work_exchange()), s(""), QueueBindOptions::default(), bind)
-                .await
-                .map_err(unavailable)?;
+            ch.queue_bind(
+                s(&name),
+                s(&self.work_exchange()),
+                s(""),
+                QueueBindOptions::default(),
+                bind,
+            )
+            .await
+            .map_err(unavailable)?;
         }
 
         for tier in DELAY_TIERS {
             let mut args = FieldTable::default();
             args.insert(s("x-queue-type"), long("quorum"));
-            args.insert(s("x-message-ttl"), AMQPValue::LongLongInt(tier.as_millis() as i64));
+            args.insert(
+                s("x-message-ttl"),
+                AMQPValue::LongLongInt(tier.as_millis() as i64),
+            );
             args.insert(s("x-dead-letter-exchange"), long(&self.work_exchange()));
             args.insert(s("x-dead-letter-strategy"), long("at-least-once"));
             args.insert(s("x-overflow"), long("reject-publish"));
-            ch.queue_declare(s(&self.tier_queue(tier)), queue_opts, args).await.map_err(unavailable)?;
+            ch.queue_declare(s(&self.tier_queue(tier)), queue_opts, args)
+                .await
+                .map_err(unavailable)?;
         }
         Ok(())
     }
@@ -196,7 +260,9 @@ impl Inner {
     async fn connection(&self) -> Result<Arc<Connection>, BrokerError> {
         self.publisher().await?;
         let live = self.live.lock().await;
-        live.as_ref().map(|l| l.connection.clone()).ok_or_else(|| BrokerError::Unavailable("no connection".into()))
+        live.as_ref()
+            .map(|l| l.connection.clone())
+            .ok_or_else(|| BrokerError::Unavailable("no connection".into()))
     }
 
     /// Forgets a connection that failed so the next call reconnects.
@@ -241,14 +307,35 @@ impl Inner {
         })
     }
 
-    async fn send(&self, channel: &Channel, exchange: &str, key: &str, body: &[u8], props: BasicProperties) -> Result<lapin::PublisherConfirm, BrokerError> {
+    async fn send(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<lapin::PublisherConfirm, BrokerError> {
         channel
-            .basic_publish(s(exchange), s(key), BasicPublishOptions { mandatory: true, ..Default::default() }, body, props)
+            .basic_publish(
+                s(exchange),
+                s(key),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
             .await
             .map_err(unavailable)
     }
 
-    async fn publish_confirmed(&self, message: &Message, extra: &[(&str, String)], to: Option<(String, String)>) -> Result<(), BrokerError> {
+    async fn publish_confirmed(
+        &self,
+        message: &Message,
+        extra: &[(&str, String)],
+        to: Option<(String, String)>,
+    ) -> Result<(), BrokerError> {
         let (exchange, key) = match to {
             Some(t) => t,
             None => self.route(message)?,
@@ -256,7 +343,15 @@ impl Inner {
         let timeout = self.config.publish_timeout;
         let attempt = async {
             let channel = self.publisher().await?;
-            let confirm = self.send(&channel, &exchange, &key, &message.body, self.properties(message, extra)).await?;
+            let confirm = self
+                .send(
+                    &channel,
+                    &exchange,
+                    &key,
+                    &message.body,
+                    self.properties(message, extra),
+                )
+                .await?;
             confirm_result(confirm.await.map_err(unavailable)?)
         };
         match tokio::time::timeout(timeout, attempt).await {
@@ -278,8 +373,12 @@ impl Inner {
 fn confirm_result(confirmation: Confirmation) -> Result<(), BrokerError> {
     match confirmation {
         Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(returned)) => Err(BrokerError::Unroutable(returned.reply_text.to_string())),
-        Confirmation::Nack(_) => Err(BrokerError::NotConfirmed("broker nacked the message".into())),
+        Confirmation::Ack(Some(returned)) => {
+            Err(BrokerError::Unroutable(returned.reply_text.to_string()))
+        }
+        Confirmation::Nack(_) => Err(BrokerError::NotConfirmed(
+            "broker nacked the message".into(),
+        )),
         Confirmation::NotRequested => Err(BrokerError::NotConfirmed("confirms not enabled".into())),
     }
 }
@@ -297,7 +396,9 @@ fn header_text(value: &AMQPValue) -> Option<String> {
 
 /// Reason of the most recent `x-death` entry (e.g. `delivery_limit`, `rejected`).
 fn x_death_reason(table: &FieldTable) -> Option<String> {
-    let AMQPValue::FieldArray(deaths) = table.inner().get(&s("x-death"))? else { return None };
+    let AMQPValue::FieldArray(deaths) = table.inner().get(&s("x-death"))? else {
+        return None;
+    };
     deaths.as_slice().iter().find_map(|d| match d {
         AMQPValue::FieldTable(t) => t.inner().get(&s("reason")).and_then(header_text),
         _ => None,
@@ -306,7 +407,10 @@ fn x_death_reason(table: &FieldTable) -> Option<String> {
 
 /// Rebuilds a [`Message`] from a delivery; returns it with the redelivery count and whether
 /// its `x-death` says why it was dead-lettered.
-fn decode(delivery: &lapin::message::Delivery, fallback_queue: Option<WorkQueue>) -> (Message, u32, Option<String>) {
+fn decode(
+    delivery: &lapin::message::Delivery,
+    fallback_queue: Option<WorkQueue>,
+) -> (Message, u32, Option<String>) {
     let mut headers = BTreeMap::new();
     let mut redeliveries = 0;
     let mut death = None;
@@ -317,7 +421,10 @@ fn decode(delivery: &lapin::message::Delivery, fallback_queue: Option<WorkQueue>
                 redeliveries = header_text(v).and_then(|t| t.parse().ok()).unwrap_or(0);
             } else if key == "x-death" {
                 death = x_death_reason(table);
-            } else if key.starts_with("x-first-death") || key.starts_with("x-last-death") || key == ROUTE_HEADER {
+            } else if key.starts_with("x-first-death")
+                || key.starts_with("x-last-death")
+                || key == ROUTE_HEADER
+            {
                 continue;
             } else if let Some(text) = header_text(v) {
                 headers.insert(key.to_owned(), text);
@@ -336,8 +443,19 @@ fn decode(delivery: &lapin::message::Delivery, fallback_queue: Option<WorkQueue>
         .remove(headers::DUE_MS)
         .and_then(|v| v.parse::<i64>().ok())
         .and_then(|ms| Utc.timestamp_millis_opt(ms).single());
-    let id = delivery.properties.message_id().as_ref().map(|v| v.to_string()).unwrap_or_default();
-    let message = Message { id, queue, body: Bytes::from(delivery.data.clone()), headers, deliver_at };
+    let id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    let message = Message {
+        id,
+        queue,
+        body: Bytes::from(delivery.data.clone()),
+        headers,
+        deliver_at,
+    };
     if delivery.redelivered && redeliveries == 0 {
         redeliveries = 1;
     }
@@ -351,12 +469,19 @@ struct RabbitAcker {
 #[async_trait]
 impl Acker for RabbitAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
-        self.acker.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(unavailable)
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {
         self.acker
-            .nack(BasicNackOptions { requeue: true, multiple: false })
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
             .await
             .map(|_| ())
             .map_err(unavailable)
@@ -375,10 +500,22 @@ impl Inner {
     ) -> Result<(), BrokerError> {
         let connection = self.connection().await?;
         let channel = connection.create_channel().await.map_err(unavailable)?;
-        channel.basic_qos(prefetch.max(1), BasicQosOptions::default()).await.map_err(unavailable)?;
-        let tag = format!("callfleet-{}-{}", queue.as_str(), uuid::Uuid::new_v4().simple());
+        channel
+            .basic_qos(prefetch.max(1), BasicQosOptions::default())
+            .await
+            .map_err(unavailable)?;
+        let tag = format!(
+            "callfleet-{}-{}",
+            queue.as_str(),
+            uuid::Uuid::new_v4().simple()
+        );
         let mut consumer = channel
-            .basic_consume(s(&self.queue_name(queue)), s(&tag), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                s(&self.queue_name(queue)),
+                s(&tag),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .map_err(unavailable)?;
         let result = loop {
@@ -390,7 +527,11 @@ impl Inner {
             let delivery = match next {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => break Err(unavailable(e)),
-                None => break Err(BrokerError::Unavailable("consumer cancelled by the broker".into())),
+                None => {
+                    break Err(BrokerError::Unavailable(
+                        "consumer cancelled by the broker".into(),
+                    ))
+                }
             };
             let (message, redeliveries, _) = decode(&delivery, Some(queue));
             let remaining = message
@@ -405,12 +546,24 @@ impl Inner {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "could not re-park a delayed message; handing it back");
-                        let _ = delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                        let _ = delivery
+                            .acker
+                            .nack(BasicNackOptions {
+                                requeue: true,
+                                multiple: false,
+                            })
+                            .await;
                     }
                 }
                 continue;
             }
-            let out = Delivery { message, redeliveries, acker: Box::new(RabbitAcker { acker: delivery.acker.clone() }) };
+            let out = Delivery {
+                message,
+                redeliveries,
+                acker: Box::new(RabbitAcker {
+                    acker: delivery.acker.clone(),
+                }),
+            };
             if tx.send(out).await.is_err() {
                 break Ok(());
             }
@@ -441,14 +594,24 @@ impl Inner {
 
 fn dead_letter_from(delivery: &lapin::message::Delivery) -> DeadLetter {
     let (message, _, death) = decode(delivery, None);
-    let queue = message.headers.get(headers::DEAD_QUEUE).and_then(|q| WorkQueue::parse(q)).or(Some(message.queue));
-    let reason = message.headers.get(headers::DEAD_REASON).cloned().or(death).unwrap_or_else(|| "unknown".into());
+    let queue = message
+        .headers
+        .get(headers::DEAD_QUEUE)
+        .and_then(|q| WorkQueue::parse(q))
+        .or(Some(message.queue));
+    let reason = message
+        .headers
+        .get(headers::DEAD_REASON)
+        .cloned()
+        .or(death)
+        .unwrap_or_else(|| "unknown".into());
     DeadLetter {
         message_id: message.id.clone(),
         queue,
         reason,
         headers: message.headers.clone(),
-        body_preview: String::from_utf8_lossy(&message.body[..message.body.len().min(512)]).into_owned(),
+        body_preview: String::from_utf8_lossy(&message.body[..message.body.len().min(512)])
+            .into_owned(),
         body: message.body,
     }
 }
@@ -464,13 +627,28 @@ impl Broker for RabbitBroker {
         let timeout = inner.config.publish_timeout;
         let channel = match inner.publisher().await {
             Ok(c) => c,
-            Err(e) => return messages.iter().map(|_| Err(BrokerError::Unavailable(e.to_string()))).collect(),
+            Err(e) => {
+                return messages
+                    .iter()
+                    .map(|_| Err(BrokerError::Unavailable(e.to_string())))
+                    .collect()
+            }
         };
         // Send everything first, then await the confirms together (pipelined).
         let mut pending = Vec::with_capacity(messages.len());
         for message in &messages {
             let sent = match inner.route(message) {
-                Ok((exchange, key)) => inner.send(&channel, &exchange, &key, &message.body, inner.properties(message, &[])).await,
+                Ok((exchange, key)) => {
+                    inner
+                        .send(
+                            &channel,
+                            &exchange,
+                            &key,
+                            &message.body,
+                            inner.properties(message, &[]),
+                        )
+                        .await
+                }
                 Err(e) => Err(e),
             };
             pending.push(sent);
@@ -486,13 +664,22 @@ impl Broker for RabbitBroker {
             }
         });
         let results = futures::future::join_all(waits).await;
-        if results.iter().any(|r| matches!(r, Err(BrokerError::Unavailable(_) | BrokerError::Timeout(_)))) {
+        if results.iter().any(|r| {
+            matches!(
+                r,
+                Err(BrokerError::Unavailable(_) | BrokerError::Timeout(_))
+            )
+        }) {
             inner.invalidate().await;
         }
         results
     }
 
-    async fn subscribe(&self, queue: WorkQueue, prefetch: u16) -> Result<Subscription, BrokerError> {
+    async fn subscribe(
+        &self,
+        queue: WorkQueue,
+        prefetch: u16,
+    ) -> Result<Subscription, BrokerError> {
         // Fail fast if the broker is unreachable right now; later failures are retried.
         self.inner.connection().await?;
         let (tx, rx) = mpsc::channel(1);
@@ -525,10 +712,15 @@ impl Broker for RabbitBroker {
 
     async fn dead_letter(&self, message: Message, reason: &str) -> Result<(), BrokerError> {
         metrics::counter!(m::DEAD_LETTERS, "queue" => message.queue.as_str(), "reason" => "handler").increment(1);
-        let extra = [(headers::DEAD_REASON, reason.to_owned()), (headers::DEAD_QUEUE, message.queue.as_str().to_owned())];
+        let extra = [
+            (headers::DEAD_REASON, reason.to_owned()),
+            (headers::DEAD_QUEUE, message.queue.as_str().to_owned()),
+        ];
         let mut parked = message;
         parked.deliver_at = None;
-        self.inner.publish_confirmed(&parked, &extra, Some((self.inner.dlx(), String::new()))).await
+        self.inner
+            .publish_confirmed(&parked, &extra, Some((self.inner.dlx(), String::new())))
+            .await
     }
 
     async fn list_dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
@@ -538,7 +730,11 @@ impl Broker for RabbitBroker {
                 let mut out = Vec::new();
                 // Unacked gets return to the queue when the channel closes.
                 while out.len() < limit {
-                    match ch.basic_get(s(&queue), BasicGetOptions { no_ack: false }).await.map_err(unavailable)? {
+                    match ch
+                        .basic_get(s(&queue), BasicGetOptions { no_ack: false })
+                        .await
+                        .map_err(unavailable)?
+                    {
                         Some(got) => out.push(dead_letter_from(&got.delivery)),
                         None => break,
                     }
@@ -548,7 +744,11 @@ impl Broker for RabbitBroker {
             .await
     }
 
-    async fn replay_dead_letters(&self, message_id: Option<&str>, limit: usize) -> Result<usize, BrokerError> {
+    async fn replay_dead_letters(
+        &self,
+        message_id: Option<&str>,
+        limit: usize,
+    ) -> Result<usize, BrokerError> {
         let queue = self.inner.dead_queue();
         let inner = Arc::clone(&self.inner);
         let wanted = message_id.map(str::to_owned);
@@ -557,7 +757,11 @@ impl Broker for RabbitBroker {
                 let mut moved = 0;
                 let mut scanned = 0;
                 while moved < limit && scanned < 100_000 {
-                    let Some(got) = ch.basic_get(s(&queue), BasicGetOptions { no_ack: false }).await.map_err(unavailable)? else {
+                    let Some(got) = ch
+                        .basic_get(s(&queue), BasicGetOptions { no_ack: false })
+                        .await
+                        .map_err(unavailable)?
+                    else {
                         break;
                     };
                     scanned += 1;
@@ -571,7 +775,11 @@ impl Broker for RabbitBroker {
                     message.headers.remove(headers::DEAD_REASON);
                     message.headers.remove(headers::DEAD_QUEUE);
                     inner.publish_confirmed(&message, &[], None).await?;
-                    got.delivery.acker.ack(BasicAckOptions::default()).await.map_err(unavailable)?;
+                    got.delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map_err(unavailable)?;
                     moved += 1;
                 }
                 Ok(moved)
@@ -583,7 +791,10 @@ impl Broker for RabbitBroker {
         let queue = self.inner.dead_queue();
         self.inner
             .with_temp_channel(|ch| async move {
-                ch.queue_purge(s(&queue), QueuePurgeOptions::default()).await.map(|n| n as usize).map_err(unavailable)
+                ch.queue_purge(s(&queue), QueuePurgeOptions::default())
+                    .await
+                    .map(|n| n as usize)
+                    .map_err(unavailable)
             })
             .await
     }
@@ -593,7 +804,14 @@ impl Broker for RabbitBroker {
         self.inner
             .with_temp_channel(|ch| async move {
                 let q = ch
-                    .queue_declare(s(&name), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+                    .queue_declare(
+                        s(&name),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
                     .await
                     .map_err(unavailable)?;
                 Ok(u64::from(q.message_count()))
@@ -608,4 +826,3 @@ impl Broker for RabbitBroker {
             .map_err(|_| BrokerError::Timeout(timeout))?
     }
 }
-

@@ -10,7 +10,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::memory_store::decode_cursor;
-use crate::ports::store::{CasOutcome, IndexPage, LockToken, RateDecision, Store, StoreError, Versioned};
+use crate::ports::store::{
+    CasOutcome, IndexPage, LockToken, RateDecision, Store, StoreError, Versioned,
+};
 
 #[derive(Clone)]
 pub struct RedisStore {
@@ -107,16 +109,22 @@ fn ms(d: Duration) -> u64 {
 impl RedisStore {
     /// Connects (failing fast if Redis is unreachable) with every key under `prefix:`.
     pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| StoreError::Protocol(format!("bad redis url: {e}")))?;
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Protocol(format!("bad redis url: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(2);
-        let conn = tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
-            .await
-            .map_err(|_| StoreError::Unavailable(format!("no answer within {timeout:?}")))?
-            .map_err(err)?;
-        Ok(Self { conn, prefix: prefix.to_owned(), scripts: std::sync::Arc::new(Scripts::new()) })
+        let conn =
+            tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
+                .await
+                .map_err(|_| StoreError::Unavailable(format!("no answer within {timeout:?}")))?
+                .map_err(err)?;
+        Ok(Self {
+            conn,
+            prefix: prefix.to_owned(),
+            scripts: std::sync::Arc::new(Scripts::new()),
+        })
     }
 
     fn key(&self, kind: &str, name: &str) -> String {
@@ -130,7 +138,12 @@ impl RedisStore {
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn create_record(&self, id: &str, data: Bytes, index_score: Option<i64>) -> Result<bool, StoreError> {
+    async fn create_record(
+        &self,
+        id: &str,
+        data: Bytes,
+        index_score: Option<i64>,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let created: i64 = self
             .scripts
@@ -148,15 +161,28 @@ impl Store for RedisStore {
 
     async fn get_record(&self, id: &str) -> Result<Option<Versioned>, StoreError> {
         let mut conn = self.conn.clone();
-        let (version, data): (Option<u64>, Option<Vec<u8>>) =
-            redis::cmd("HMGET").arg(self.key("rec", id)).arg("v").arg("d").query_async(&mut conn).await.map_err(err)?;
+        let (version, data): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+            .arg(self.key("rec", id))
+            .arg("v")
+            .arg("d")
+            .query_async(&mut conn)
+            .await
+            .map_err(err)?;
         Ok(match (version, data) {
-            (Some(version), Some(data)) => Some(Versioned { version, data: Bytes::from(data) }),
+            (Some(version), Some(data)) => Some(Versioned {
+                version,
+                data: Bytes::from(data),
+            }),
             _ => None,
         })
     }
 
-    async fn update_record(&self, id: &str, expected_version: u64, data: Bytes) -> Result<CasOutcome, StoreError> {
+    async fn update_record(
+        &self,
+        id: &str,
+        expected_version: u64,
+        data: Bytes,
+    ) -> Result<CasOutcome, StoreError> {
         let mut conn = self.conn.clone();
         let version: u64 = self
             .scripts
@@ -167,10 +193,18 @@ impl Store for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(err)?;
-        Ok(if version == 0 { CasOutcome::Conflict } else { CasOutcome::Updated(version) })
+        Ok(if version == 0 {
+            CasOutcome::Conflict
+        } else {
+            CasOutcome::Updated(version)
+        })
     }
 
-    async fn list_index(&self, cursor: Option<&str>, limit: usize) -> Result<IndexPage, StoreError> {
+    async fn list_index(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<IndexPage, StoreError> {
         let mut conn = self.conn.clone();
         // Exclusive upper bound on the score; ids with the same score as the cursor are
         // resolved by id below, so fetch a little extra.
@@ -207,7 +241,12 @@ impl Store for RedisStore {
         Ok(IndexPage { ids, next: None })
     }
 
-    async fn claim_key(&self, key: &str, value: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
+    async fn claim_key(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
         let mut conn = self.conn.clone();
         let key = self.key("key", key);
         // SET NX GET returns the old value when the key existed (Redis ≥ 7).
@@ -270,7 +309,12 @@ impl Store for RedisStore {
         Ok(set.map(|_| LockToken(token)))
     }
 
-    async fn extend_lock(&self, name: &str, token: &LockToken, ttl: Duration) -> Result<bool, StoreError> {
+    async fn extend_lock(
+        &self,
+        name: &str,
+        token: &LockToken,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let ok: i64 = self
             .scripts
@@ -286,11 +330,23 @@ impl Store for RedisStore {
 
     async fn unlock(&self, name: &str, token: &LockToken) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        let ok: i64 = self.scripts.unlock.key(self.key("lock", name)).arg(&token.0).invoke_async(&mut conn).await.map_err(err)?;
+        let ok: i64 = self
+            .scripts
+            .unlock
+            .key(self.key("lock", name))
+            .arg(&token.0)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(err)?;
         Ok(ok == 1)
     }
 
-    async fn rate_limit(&self, key: &str, per_second: f64, burst: u32) -> Result<RateDecision, StoreError> {
+    async fn rate_limit(
+        &self,
+        key: &str,
+        per_second: f64,
+        burst: u32,
+    ) -> Result<RateDecision, StoreError> {
         let mut conn = self.conn.clone();
         let interval = (1000.0 / per_second.max(1e-6)).ceil() as u64;
         let tolerance = interval * u64::from(burst.saturating_sub(1));
@@ -303,10 +359,20 @@ impl Store for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(err)?;
-        Ok(if wait == 0 { RateDecision::Allowed } else { RateDecision::RetryAfter(Duration::from_millis(wait)) })
+        Ok(if wait == 0 {
+            RateDecision::Allowed
+        } else {
+            RateDecision::RetryAfter(Duration::from_millis(wait))
+        })
     }
 
-    async fn acquire_lease(&self, pool: &str, holder: &str, max: u32, ttl: Duration) -> Result<bool, StoreError> {
+    async fn acquire_lease(
+        &self,
+        pool: &str,
+        holder: &str,
+        max: u32,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let ok: i64 = self
             .scripts
@@ -323,18 +389,29 @@ impl Store for RedisStore {
 
     async fn release_lease(&self, pool: &str, holder: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        let removed: i64 = conn.zrem(self.key("lease", pool), holder).await.map_err(err)?;
+        let removed: i64 = conn
+            .zrem(self.key("lease", pool), holder)
+            .await
+            .map_err(err)?;
         Ok(removed == 1)
     }
 
     async fn live_leases(&self, pool: &str) -> Result<u64, StoreError> {
         let mut conn = self.conn.clone();
-        self.scripts.live.key(self.key("lease", pool)).invoke_async(&mut conn).await.map_err(err)
+        self.scripts
+            .live
+            .key(self.key("lease", pool))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(err)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(err)?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(err)?;
         Ok(())
     }
 }

@@ -51,7 +51,11 @@ impl CallStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            CallStatus::Completed | CallStatus::Failed | CallStatus::Busy | CallStatus::NoAnswer | CallStatus::Canceled
+            CallStatus::Completed
+                | CallStatus::Failed
+                | CallStatus::Busy
+                | CallStatus::NoAnswer
+                | CallStatus::Canceled
         )
     }
 
@@ -112,7 +116,11 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
             max_attempts: 1,
-            retry_on: vec![SipOutcome::Busy, SipOutcome::NoAnswer, SipOutcome::Unavailable],
+            retry_on: vec![
+                SipOutcome::Busy,
+                SipOutcome::NoAnswer,
+                SipOutcome::Unavailable,
+            ],
             retry_delay_s: 300,
         }
     }
@@ -232,7 +240,11 @@ pub fn parse_participant_identity(identity: &str) -> Option<(String, u32)> {
 impl Call {
     /// Appends to the bounded timeline.
     pub fn note(&mut self, at: DateTime<Utc>, event: impl Into<String>, detail: Option<String>) {
-        self.timeline.push(TimelineEntry { at, event: event.into(), detail });
+        self.timeline.push(TimelineEntry {
+            at,
+            event: event.into(),
+            detail,
+        });
         if self.timeline.len() > TIMELINE_LIMIT {
             let excess = self.timeline.len() - TIMELINE_LIMIT;
             self.timeline.drain(..excess);
@@ -289,7 +301,8 @@ impl Call {
 
     /// Whether another attempt is allowed after `outcome`.
     pub fn should_retry(&self, outcome: SipOutcome) -> bool {
-        (self.attempts.len() as u32) < self.retry.max_attempts && self.retry.retry_on.contains(&outcome)
+        (self.attempts.len() as u32) < self.retry.max_attempts
+            && self.retry.retry_on.contains(&outcome)
     }
 }
 
@@ -335,11 +348,20 @@ mod tests {
         let now = Utc::now();
         assert!(call.advance(CallStatus::AgentDispatched, now));
         assert!(call.advance(CallStatus::Dialing, now));
-        assert!(!call.advance(CallStatus::AgentDispatched, now), "late event regressed");
+        assert!(
+            !call.advance(CallStatus::AgentDispatched, now),
+            "late event regressed"
+        );
         assert!(call.advance(CallStatus::InProgress, now));
         assert!(call.advance(CallStatus::Completed, now));
-        assert!(!call.advance(CallStatus::InProgress, now), "ended call revived");
-        assert!(!call.advance(CallStatus::Failed, now), "terminal status replaced");
+        assert!(
+            !call.advance(CallStatus::InProgress, now),
+            "ended call revived"
+        );
+        assert!(
+            !call.advance(CallStatus::Failed, now),
+            "terminal status replaced"
+        );
         assert!(call.ended_at.is_some());
     }
 
@@ -356,7 +378,10 @@ mod tests {
     fn identities_round_trip_and_timeline_is_bounded() {
         let mut call = sample(Direction::Outbound);
         let identity = participant_identity(&call.id, 3);
-        assert_eq!(parse_participant_identity(&identity), Some((call.id.clone(), 3)));
+        assert_eq!(
+            parse_participant_identity(&identity),
+            Some((call.id.clone(), 3))
+        );
         assert_eq!(parse_participant_identity("sip_+15105550123"), None);
         for i in 0..200 {
             call.note(Utc::now(), format!("e{i}"), None);
@@ -374,6 +399,9 @@ mod tests {
         assert!(!call.should_retry(SipOutcome::Declined));
         call.begin_attempt(Utc::now());
         assert!(!call.should_retry(SipOutcome::Busy));
-        assert_eq!(CallStatus::from_outcome(SipOutcome::Unavailable), CallStatus::NoAnswer);
+        assert_eq!(
+            CallStatus::from_outcome(SipOutcome::Unavailable),
+            CallStatus::NoAnswer
+        );
     }
 }

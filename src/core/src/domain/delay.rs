@@ -63,7 +63,18 @@ mod tests {
 
     #[test]
     fn never_early_and_bounded_hops() {
-        for ms in [1u64, 99, 100, 101, 999, 1_000, 4_321, 59_999, 3_600_000, 7 * 86_400_000] {
+        for ms in [
+            1u64,
+            99,
+            100,
+            101,
+            999,
+            1_000,
+            4_321,
+            59_999,
+            3_600_000,
+            7 * 86_400_000,
+        ] {
             let mut left = Duration::from_millis(ms);
             let mut elapsed = Duration::ZERO;
             let mut hops = 0;
@@ -73,7 +84,10 @@ mod tests {
                 hops += 1;
             }
             assert!(elapsed >= Duration::from_millis(ms), "{ms} delivered early");
-            assert!(elapsed - Duration::from_millis(ms) <= DELAY_TIERS[0], "{ms} too late");
+            assert!(
+                elapsed - Duration::from_millis(ms) <= DELAY_TIERS[0],
+                "{ms} too late"
+            );
             assert!(hops <= 20, "{ms} took {hops} hops");
         }
     }

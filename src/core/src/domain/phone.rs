@@ -39,13 +39,19 @@ impl E164 {
         if trimmed.is_empty() {
             return Err(PhoneError::Empty);
         }
-        let region = if trimmed.starts_with('+') { None } else { default_region };
+        let region = if trimmed.starts_with('+') {
+            None
+        } else {
+            default_region
+        };
         let number = phonenumber::parse(region, trimmed)
             .map_err(|e| PhoneError::Unparseable(e.to_string()))?;
         if !phonenumber::is_valid(&number) {
             return Err(PhoneError::Invalid);
         }
-        Ok(Self(number.format().mode(phonenumber::Mode::E164).to_string()))
+        Ok(Self(
+            number.format().mode(phonenumber::Mode::E164).to_string(),
+        ))
     }
 
     pub fn as_str(&self) -> &str {
@@ -103,17 +109,35 @@ mod tests {
 
     #[test]
     fn parses_international_and_national_numbers() {
-        assert_eq!(E164::parse("+1 510-555-0123", None).map(String::from), Ok("+15105550123".into()));
-        assert_eq!(E164::parse("(201) 555-0123", us()).map(String::from), Ok("+12015550123".into()));
-        assert_eq!(E164::parse("+44 20 7946 0958", us()).map(String::from), Ok("+442079460958".into()));
+        assert_eq!(
+            E164::parse("+1 510-555-0123", None).map(String::from),
+            Ok("+15105550123".into())
+        );
+        assert_eq!(
+            E164::parse("(201) 555-0123", us()).map(String::from),
+            Ok("+12015550123".into())
+        );
+        assert_eq!(
+            E164::parse("+44 20 7946 0958", us()).map(String::from),
+            Ok("+442079460958".into())
+        );
     }
 
     #[test]
     fn rejects_garbage_and_invalid_numbers() {
         assert_eq!(E164::parse("  ", us()), Err(PhoneError::Empty));
-        assert!(matches!(E164::parse("hello", us()), Err(PhoneError::Unparseable(_))));
-        assert_eq!(E164::parse("+1 000 000 0000", None), Err(PhoneError::Invalid));
-        assert!(E164::parse("5551234", None).is_err(), "national number without region");
+        assert!(matches!(
+            E164::parse("hello", us()),
+            Err(PhoneError::Unparseable(_))
+        ));
+        assert_eq!(
+            E164::parse("+1 000 000 0000", None),
+            Err(PhoneError::Invalid)
+        );
+        assert!(
+            E164::parse("5551234", None).is_err(),
+            "national number without region"
+        );
     }
 
     #[test]

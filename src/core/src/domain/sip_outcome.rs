@@ -12,7 +12,12 @@ pub enum ApiFailure {
     /// No response within the per-request timeout.
     Timeout,
     /// A Twirp error response.
-    Twirp { code: String, msg: String, sip_status_code: Option<u16>, sip_status: Option<String> },
+    Twirp {
+        code: String,
+        msg: String,
+        sip_status_code: Option<u16>,
+        sip_status: Option<String>,
+    },
     /// A response that could not be decoded (e.g. a plain-text 401).
     Protocol,
 }
@@ -59,7 +64,10 @@ impl SipOutcome {
 
     /// Outcomes a job's retry policy may retry by default.
     pub fn retryable_by_default(self) -> bool {
-        matches!(self, SipOutcome::Busy | SipOutcome::NoAnswer | SipOutcome::Unavailable)
+        matches!(
+            self,
+            SipOutcome::Busy | SipOutcome::NoAnswer | SipOutcome::Unavailable
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -80,13 +88,20 @@ impl ApiFailure {
         match self {
             ApiFailure::Transport | ApiFailure::Timeout => FailureKind::Retryable,
             ApiFailure::Protocol => FailureKind::Permanent,
-            ApiFailure::Twirp { code, msg, sip_status_code, .. } => {
+            ApiFailure::Twirp {
+                code,
+                msg,
+                sip_status_code,
+                ..
+            } => {
                 if let Some(status) = sip_status_code {
                     return FailureKind::CallOutcome(SipOutcome::from_sip_status(*status));
                 }
                 match code.as_str() {
                     // LiveKit's own ringing timeout: `canceled` with no SIP status.
-                    "canceled" if msg.contains("timed out") || msg.contains("transaction failed") => {
+                    "canceled"
+                        if msg.contains("timed out") || msg.contains("transaction failed") =>
+                    {
                         FailureKind::CallOutcome(SipOutcome::NoAnswer)
                     }
                     "canceled" | "deadline_exceeded" | "unavailable" | "internal" | "unknown"
@@ -112,12 +127,30 @@ impl ApiFailure {
 /// Maps a Twirp code string onto a fixed label set (unknown codes become `other`).
 pub fn twirp_code_label(code: &str) -> &'static str {
     const CODES: [&str; 18] = [
-        "canceled", "unknown", "invalid_argument", "malformed", "deadline_exceeded", "not_found",
-        "bad_route", "already_exists", "permission_denied", "unauthenticated",
-        "resource_exhausted", "failed_precondition", "aborted", "out_of_range", "unimplemented",
-        "internal", "unavailable", "dataloss",
+        "canceled",
+        "unknown",
+        "invalid_argument",
+        "malformed",
+        "deadline_exceeded",
+        "not_found",
+        "bad_route",
+        "already_exists",
+        "permission_denied",
+        "unauthenticated",
+        "resource_exhausted",
+        "failed_precondition",
+        "aborted",
+        "out_of_range",
+        "unimplemented",
+        "internal",
+        "unavailable",
+        "dataloss",
     ];
-    CODES.iter().find(|c| **c == code).copied().unwrap_or("other")
+    CODES
+        .iter()
+        .find(|c| **c == code)
+        .copied()
+        .unwrap_or("other")
 }
 
 #[cfg(test)]
@@ -125,7 +158,12 @@ mod tests {
     use super::*;
 
     fn twirp(code: &str, sip: Option<u16>) -> ApiFailure {
-        ApiFailure::Twirp { code: code.into(), msg: String::new(), sip_status_code: sip, sip_status: None }
+        ApiFailure::Twirp {
+            code: code.into(),
+            msg: String::new(),
+            sip_status_code: sip,
+            sip_status: None,
+        }
     }
 
     #[test]
@@ -133,24 +171,62 @@ mod tests {
         assert_eq!(ApiFailure::Transport.classify(), FailureKind::Retryable);
         assert_eq!(ApiFailure::Timeout.classify(), FailureKind::Retryable);
         for code in ["unavailable", "internal", "unknown"] {
-            assert_eq!(twirp(code, None).classify(), FailureKind::Retryable, "{code}");
+            assert_eq!(
+                twirp(code, None).classify(),
+                FailureKind::Retryable,
+                "{code}"
+            );
         }
-        assert_eq!(twirp("resource_exhausted", None).classify(), FailureKind::BackPressure);
-        assert_eq!(twirp("resource_exhausted", Some(486)).classify(), FailureKind::CallOutcome(SipOutcome::Busy));
-        assert_eq!(twirp("resource_exhausted", Some(480)).classify(), FailureKind::CallOutcome(SipOutcome::Unavailable));
-        assert_eq!(twirp("deadline_exceeded", Some(408)).classify(), FailureKind::CallOutcome(SipOutcome::NoAnswer));
-        assert_eq!(twirp("permission_denied", Some(603)).classify(), FailureKind::CallOutcome(SipOutcome::Declined));
-        assert_eq!(twirp("not_found", Some(404)).classify(), FailureKind::CallOutcome(SipOutcome::NotFound));
-        assert_eq!(twirp("failed_precondition", Some(503)).classify(), FailureKind::CallOutcome(SipOutcome::Failed));
+        assert_eq!(
+            twirp("resource_exhausted", None).classify(),
+            FailureKind::BackPressure
+        );
+        assert_eq!(
+            twirp("resource_exhausted", Some(486)).classify(),
+            FailureKind::CallOutcome(SipOutcome::Busy)
+        );
+        assert_eq!(
+            twirp("resource_exhausted", Some(480)).classify(),
+            FailureKind::CallOutcome(SipOutcome::Unavailable)
+        );
+        assert_eq!(
+            twirp("deadline_exceeded", Some(408)).classify(),
+            FailureKind::CallOutcome(SipOutcome::NoAnswer)
+        );
+        assert_eq!(
+            twirp("permission_denied", Some(603)).classify(),
+            FailureKind::CallOutcome(SipOutcome::Declined)
+        );
+        assert_eq!(
+            twirp("not_found", Some(404)).classify(),
+            FailureKind::CallOutcome(SipOutcome::NotFound)
+        );
+        assert_eq!(
+            twirp("failed_precondition", Some(503)).classify(),
+            FailureKind::CallOutcome(SipOutcome::Failed)
+        );
         let ringing = ApiFailure::Twirp {
             code: "canceled".into(),
             msg: "twirp error unknown: sip request timed out".into(),
             sip_status_code: None,
             sip_status: None,
         };
-        assert_eq!(ringing.classify(), FailureKind::CallOutcome(SipOutcome::NoAnswer));
-        for code in ["invalid_argument", "not_found", "permission_denied", "unauthenticated", "failed_precondition"] {
-            assert_eq!(twirp(code, None).classify(), FailureKind::Permanent, "{code}");
+        assert_eq!(
+            ringing.classify(),
+            FailureKind::CallOutcome(SipOutcome::NoAnswer)
+        );
+        for code in [
+            "invalid_argument",
+            "not_found",
+            "permission_denied",
+            "unauthenticated",
+            "failed_precondition",
+        ] {
+            assert_eq!(
+                twirp(code, None).classify(),
+                FailureKind::Permanent,
+                "{code}"
+            );
         }
     }
 

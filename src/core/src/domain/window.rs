@@ -42,7 +42,10 @@ pub struct ParsedWindow {
 }
 
 fn parse_time(field: &'static str, value: &str) -> Result<NaiveTime, WindowError> {
-    NaiveTime::parse_from_str(value, "%H:%M").map_err(|_| WindowError::Time { field, value: value.to_owned() })
+    NaiveTime::parse_from_str(value, "%H:%M").map_err(|_| WindowError::Time {
+        field,
+        value: value.to_owned(),
+    })
 }
 
 fn parse_day(value: &str) -> Result<Weekday, WindowError> {
@@ -60,14 +63,27 @@ fn parse_day(value: &str) -> Result<Weekday, WindowError> {
 
 impl CallWindow {
     pub fn parse(&self) -> Result<ParsedWindow, WindowError> {
-        let tz: Tz = self.timezone.parse().map_err(|_| WindowError::Timezone(self.timezone.clone()))?;
+        let tz: Tz = self
+            .timezone
+            .parse()
+            .map_err(|_| WindowError::Timezone(self.timezone.clone()))?;
         let start = parse_time("start", &self.start)?;
         let end = parse_time("end", &self.end)?;
         if start == end {
             return Err(WindowError::Empty);
         }
-        let days = self.days.iter().flatten().map(|d| parse_day(d)).collect::<Result<Vec<_>, _>>()?;
-        Ok(ParsedWindow { tz, start, end, days })
+        let days = self
+            .days
+            .iter()
+            .flatten()
+            .map(|d| parse_day(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ParsedWindow {
+            tz,
+            start,
+            end,
+            days,
+        })
     }
 }
 
@@ -102,7 +118,11 @@ impl ParsedWindow {
             if !self.day_allowed(date.weekday()) {
                 continue;
             }
-            if let Some(candidate) = self.tz.from_local_datetime(&date.and_time(self.start)).earliest() {
+            if let Some(candidate) = self
+                .tz
+                .from_local_datetime(&date.and_time(self.start))
+                .earliest()
+            {
                 let candidate = candidate.with_timezone(&Utc);
                 if candidate >= now {
                     return candidate;
@@ -137,24 +157,44 @@ mod tests {
         let w = window(None);
         // 2026-11-20 is a Friday; 14:00 UTC = 09:00 EST.
         assert!(w.contains(utc("2026-11-20T14:00:00Z")));
-        assert_eq!(w.next_open(utc("2026-11-20T15:00:00Z")), utc("2026-11-20T15:00:00Z"));
-        assert_eq!(w.next_open(utc("2026-11-20T23:30:00Z")), utc("2026-11-21T14:00:00Z"));
-        assert_eq!(w.next_open(utc("2026-11-20T03:00:00Z")), utc("2026-11-20T14:00:00Z"));
+        assert_eq!(
+            w.next_open(utc("2026-11-20T15:00:00Z")),
+            utc("2026-11-20T15:00:00Z")
+        );
+        assert_eq!(
+            w.next_open(utc("2026-11-20T23:30:00Z")),
+            utc("2026-11-21T14:00:00Z")
+        );
+        assert_eq!(
+            w.next_open(utc("2026-11-20T03:00:00Z")),
+            utc("2026-11-20T14:00:00Z")
+        );
     }
 
     #[test]
     fn weekdays_skip_the_weekend() {
         let w = window(Some(vec!["mon", "tue", "wed", "thu", "fri"]));
-        assert_eq!(w.next_open(utc("2026-11-20T23:30:00Z")), utc("2026-11-23T14:00:00Z"));
+        assert_eq!(
+            w.next_open(utc("2026-11-20T23:30:00Z")),
+            utc("2026-11-23T14:00:00Z")
+        );
     }
 
     #[test]
     fn rejects_bad_fields() {
-        let mut cw = CallWindow { timezone: "Mars/Base".into(), start: "09:00".into(), end: "18:00".into(), days: None };
+        let mut cw = CallWindow {
+            timezone: "Mars/Base".into(),
+            start: "09:00".into(),
+            end: "18:00".into(),
+            days: None,
+        };
         assert!(matches!(cw.parse(), Err(WindowError::Timezone(_))));
         cw.timezone = "UTC".into();
         cw.start = "9am".into();
-        assert!(matches!(cw.parse(), Err(WindowError::Time { field: "start", .. })));
+        assert!(matches!(
+            cw.parse(),
+            Err(WindowError::Time { field: "start", .. })
+        ));
         cw.start = "22:00".into();
         cw.end = "06:00".into();
         let overnight = cw.parse().expect("overnight window");

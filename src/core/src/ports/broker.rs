@@ -25,7 +25,11 @@ pub enum WorkQueue {
 }
 
 impl WorkQueue {
-    pub const ALL: [WorkQueue; 3] = [WorkQueue::CallJobs, WorkQueue::WebhookEvents, WorkQueue::Control];
+    pub const ALL: [WorkQueue; 3] = [
+        WorkQueue::CallJobs,
+        WorkQueue::WebhookEvents,
+        WorkQueue::Control,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -172,7 +176,10 @@ pub struct Subscription {
 
 impl Subscription {
     pub fn new(rx: mpsc::Receiver<Delivery>, stop: tokio_util::sync::CancellationToken) -> Self {
-        Self { rx, _stop: stop.drop_guard() }
+        Self {
+            rx,
+            _stop: stop.drop_guard(),
+        }
     }
 
     /// The next delivery; `None` once the subscription has ended for good.
@@ -205,7 +212,8 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Starts consuming `queue` with at most `prefetch` unacked deliveries. The subscription
     /// survives broker restarts (the adapter reconnects and resubscribes).
-    async fn subscribe(&self, queue: WorkQueue, prefetch: u16) -> Result<Subscription, BrokerError>;
+    async fn subscribe(&self, queue: WorkQueue, prefetch: u16)
+        -> Result<Subscription, BrokerError>;
 
     /// Parks a message in the dead-letter queue with `reason` (the caller then acks the
     /// original delivery).
@@ -216,7 +224,11 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Moves up to `limit` dead letters (only `message_id` if given) back to their work
     /// queue; returns how many moved.
-    async fn replay_dead_letters(&self, message_id: Option<&str>, limit: usize) -> Result<usize, BrokerError>;
+    async fn replay_dead_letters(
+        &self,
+        message_id: Option<&str>,
+        limit: usize,
+    ) -> Result<usize, BrokerError>;
 
     /// Deletes every dead letter; returns how many.
     async fn purge_dead_letters(&self) -> Result<usize, BrokerError>;

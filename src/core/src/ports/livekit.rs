@@ -53,17 +53,42 @@ pub struct DialRequest {
 #[async_trait]
 pub trait LiveKit: Send + Sync + 'static {
     /// Upsert: creating an existing room returns it unchanged.
-    async fn create_room(&self, name: &str, metadata: &str, empty_timeout_s: u32) -> Result<proto::Room, LiveKitError>;
+    async fn create_room(
+        &self,
+        name: &str,
+        metadata: &str,
+        empty_timeout_s: u32,
+    ) -> Result<proto::Room, LiveKitError>;
     async fn delete_room(&self, name: &str) -> Result<(), LiveKitError>;
-    async fn list_participants(&self, room: &str) -> Result<Vec<proto::ParticipantInfo>, LiveKitError>;
+    async fn list_participants(
+        &self,
+        room: &str,
+    ) -> Result<Vec<proto::ParticipantInfo>, LiveKitError>;
     /// `Ok(None)` when the participant (or room) does not exist.
-    async fn get_participant(&self, room: &str, identity: &str) -> Result<Option<proto::ParticipantInfo>, LiveKitError>;
+    async fn get_participant(
+        &self,
+        room: &str,
+        identity: &str,
+    ) -> Result<Option<proto::ParticipantInfo>, LiveKitError>;
     async fn remove_participant(&self, room: &str, identity: &str) -> Result<(), LiveKitError>;
     /// Not idempotent: every call launches another agent.
-    async fn create_dispatch(&self, room: &str, agent_name: &str, metadata: &str) -> Result<proto::AgentDispatch, LiveKitError>;
+    async fn create_dispatch(
+        &self,
+        room: &str,
+        agent_name: &str,
+        metadata: &str,
+    ) -> Result<proto::AgentDispatch, LiveKitError>;
     async fn list_dispatch(&self, room: &str) -> Result<Vec<proto::AgentDispatch>, LiveKitError>;
     async fn delete_dispatch(&self, room: &str, dispatch_id: &str) -> Result<(), LiveKitError>;
     /// Not idempotent: every call dials.
-    async fn create_sip_participant(&self, request: DialRequest) -> Result<proto::SipParticipantInfo, LiveKitError>;
-    async fn transfer_sip_participant(&self, room: &str, identity: &str, transfer_to: &str) -> Result<(), LiveKitError>;
+    async fn create_sip_participant(
+        &self,
+        request: DialRequest,
+    ) -> Result<proto::SipParticipantInfo, LiveKitError>;
+    async fn transfer_sip_participant(
+        &self,
+        room: &str,
+        identity: &str,
+        transfer_to: &str,
+    ) -> Result<(), LiveKitError>;
 }

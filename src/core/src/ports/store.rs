@@ -63,16 +63,32 @@ pub trait Store: Send + Sync + 'static {
     // --- records (call records) -------------------------------------------------------
     /// Creates `id` with version 1 if absent; returns whether it was created. With
     /// `index_score`, also adds `id` to the creation index (newest first listing).
-    async fn create_record(&self, id: &str, data: Bytes, index_score: Option<i64>) -> Result<bool, StoreError>;
+    async fn create_record(
+        &self,
+        id: &str,
+        data: Bytes,
+        index_score: Option<i64>,
+    ) -> Result<bool, StoreError>;
     async fn get_record(&self, id: &str) -> Result<Option<Versioned>, StoreError>;
     /// Writes `data` only if the record is still at `expected_version`.
-    async fn update_record(&self, id: &str, expected_version: u64, data: Bytes) -> Result<CasOutcome, StoreError>;
+    async fn update_record(
+        &self,
+        id: &str,
+        expected_version: u64,
+        data: Bytes,
+    ) -> Result<CasOutcome, StoreError>;
     /// Ids from the creation index, newest first, `limit` at most, after `cursor`.
-    async fn list_index(&self, cursor: Option<&str>, limit: usize) -> Result<IndexPage, StoreError>;
+    async fn list_index(&self, cursor: Option<&str>, limit: usize)
+        -> Result<IndexPage, StoreError>;
 
     // --- idempotency keys --------------------------------------------------------------
     /// Claims `key` for `value` if unclaimed; returns the existing value when already claimed.
-    async fn claim_key(&self, key: &str, value: &str, ttl: Duration) -> Result<Option<String>, StoreError>;
+    async fn claim_key(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError>;
     async fn get_key(&self, key: &str) -> Result<Option<String>, StoreError>;
     async fn delete_key(&self, key: &str) -> Result<(), StoreError>;
 
@@ -85,16 +101,32 @@ pub trait Store: Send + Sync + 'static {
     // --- locks -------------------------------------------------------------------------
     async fn try_lock(&self, name: &str, ttl: Duration) -> Result<Option<LockToken>, StoreError>;
     /// Extends a held lock; false if it expired or someone else holds it.
-    async fn extend_lock(&self, name: &str, token: &LockToken, ttl: Duration) -> Result<bool, StoreError>;
+    async fn extend_lock(
+        &self,
+        name: &str,
+        token: &LockToken,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
     /// Compare-and-delete; false if the lock was not ours any more.
     async fn unlock(&self, name: &str, token: &LockToken) -> Result<bool, StoreError>;
 
     // --- limits --------------------------------------------------------------------------
     /// GCRA rate limit: `per_second` sustained, `burst` at once, shared by every caller.
-    async fn rate_limit(&self, key: &str, per_second: f64, burst: u32) -> Result<RateDecision, StoreError>;
+    async fn rate_limit(
+        &self,
+        key: &str,
+        per_second: f64,
+        burst: u32,
+    ) -> Result<RateDecision, StoreError>;
     /// Takes (or renews) `holder`'s lease in `pool` if fewer than `max` live leases exist.
     /// A lease not renewed or released within `ttl` expires (its holder died).
-    async fn acquire_lease(&self, pool: &str, holder: &str, max: u32, ttl: Duration) -> Result<bool, StoreError>;
+    async fn acquire_lease(
+        &self,
+        pool: &str,
+        holder: &str,
+        max: u32,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
     async fn release_lease(&self, pool: &str, holder: &str) -> Result<bool, StoreError>;
     async fn live_leases(&self, pool: &str) -> Result<u64, StoreError>;
 

@@ -1,0 +1,425 @@
+//! Subcommands and their wiring.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use callfleet_core::adapters::{Backends, LiveKitApi};
+use callfleet_core::config::{
+    BackendConfig, BrokerKind, IngressConfig, LiveKitConfig, LogConfig, StoreKind, WorkerConfig,
+};
+use callfleet_core::lifecycle::{cancel_on_signal, health_router, Readiness};
+use callfleet_core::ports::WorkQueue;
+use callfleet_core::telemetry;
+use callfleet_ingress::IngressState;
+use callfleet_workers::WorkerRuntime;
+use clap::{Parser, Subcommand};
+use livekit_emulator::{Emulator, EmulatorConfig};
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "callfleet",
+    version,
+    about = "Queue-driven worker fleet for phone calls on LiveKit SIP"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    log: LogConfig,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Everything in one process: ingress + workers on the in-memory broker and store, and
+    /// the LiveKit emulator when LIVEKIT_URL is unset.
+    Dev {
+        #[command(flatten)]
+        backend: BackendConfig,
+        #[command(flatten)]
+        livekit: LiveKitConfig,
+        #[command(flatten)]
+        ingress: IngressConfig,
+        #[command(flatten)]
+        worker: WorkerConfig,
+        /// Address of the embedded LiveKit emulator.
+        #[arg(
+            long,
+            env = "CALLFLEET_EMULATOR_ADDR",
+            default_value = "127.0.0.1:7880"
+        )]
+        emulator_addr: SocketAddr,
+    },
+    /// The HTTP ingress (RabbitMQ + Redis by default).
+    Ingress {
+        #[command(flatten)]
+        backend: BackendConfig,
+        #[command(flatten)]
+        livekit: LiveKitConfig,
+        #[command(flatten)]
+        ingress: IngressConfig,
+    },
+    /// A worker process (RabbitMQ + Redis by default).
+    Worker {
+        #[command(flatten)]
+        backend: BackendConfig,
+        #[command(flatten)]
+        livekit: LiveKitConfig,
+        #[command(flatten)]
+        worker: WorkerConfig,
+    },
+    /// The LiveKit API emulator on its own.
+    Emulator {
+        /// Address to listen on.
+        #[arg(
+            long,
+            env = "CALLFLEET_EMULATOR_ADDR",
+            default_value = "127.0.0.1:7880"
+        )]
+        addr: SocketAddr,
+        /// API keys, `key:secret,key2:secret2`; the first signs webhooks.
+        #[arg(long, env = "CALLFLEET_EMULATOR_KEYS", default_value = "devkey:secret")]
+        keys: String,
+        /// Webhook URLs, comma-separated.
+        #[arg(long, env = "CALLFLEET_EMULATOR_WEBHOOK_URLS", default_value = "")]
+        webhook_urls: String,
+    },
+    /// Inspect, replay or purge the dead-letter queue.
+    DeadLetters {
+        #[command(flatten)]
+        backend: BackendConfig,
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterAction {
+    /// Print up to N dead letters as JSON lines, without removing them.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Move dead letters back to their work queue.
+    Replay {
+        /// Only this message id.
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Delete every dead letter.
+    Purge,
+}
+
+fn parse_keys(keys: &str) -> Result<Vec<(String, String)>> {
+    keys.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            pair.split_once(':')
+                .map(|(k, s)| (k.to_owned(), s.to_owned()))
+                .with_context(|| format!("CALLFLEET_EMULATOR_KEYS: {pair:?} is not key:secret"))
+        })
+        .collect()
+}
+
+async fn connect(
+    backend: &BackendConfig,
+    broker: BrokerKind,
+    store: StoreKind,
+) -> Result<Backends> {
+    backend.validate()?;
+    Backends::connect(backend, broker, store)
+        .await
+        .context("connecting to the broker and store")
+}
+
+async fn serve(
+    addr: SocketAddr,
+    app: axum::Router,
+    stop: CancellationToken,
+    what: &str,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {what} to {addr}"))?;
+    let what = what.to_owned();
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+        {
+            tracing::error!(error = %e, server = %what, "server failed");
+        }
+    }))
+}
+
+fn worker_runtime(
+    backends: &Backends,
+    worker: &WorkerConfig,
+    _livekit: Arc<LiveKitApi>,
+) -> WorkerRuntime {
+    // Job handlers register here as they land (outbound calls, webhook events, control).
+    WorkerRuntime::new(
+        Arc::clone(&backends.broker),
+        worker.prefetch,
+        worker.concurrency,
+        worker.max_job_attempts,
+    )
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    telemetry::init_tracing(cli.log.log_format, &cli.log.log);
+    telemetry::prometheus();
+    let stop = CancellationToken::new();
+    match cli.command {
+        Command::Emulator {
+            addr,
+            keys,
+            webhook_urls,
+        } => {
+            let config = EmulatorConfig {
+                keys: parse_keys(&keys)?,
+                webhook_urls: webhook_urls
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                ..Default::default()
+            };
+            anyhow::ensure!(
+                !config.keys.is_empty(),
+                "CALLFLEET_EMULATOR_KEYS: at least one key:secret is required"
+            );
+            let running = Emulator::start(config, addr)
+                .await
+                .with_context(|| format!("binding the emulator to {addr}"))?;
+            println!("LiveKit emulator listening on {} (API key devkey unless CALLFLEET_EMULATOR_KEYS says otherwise)", running.url());
+            cancel_on_signal(stop.clone());
+            stop.cancelled().await;
+            running.shutdown().await;
+            Ok(())
+        }
+        Command::DeadLetters { backend, action } => {
+            let backends = connect(
+                &backend,
+                backend.broker_or(BrokerKind::Rabbitmq),
+                StoreKind::Memory,
+            )
+            .await?;
+            match action {
+                DeadLetterAction::List { limit } => {
+                    for dead in backends.broker.list_dead_letters(limit).await? {
+                        println!("{}", serde_json_line(&dead));
+                    }
+                }
+                DeadLetterAction::Replay { id, limit } => {
+                    let n = backends
+                        .broker
+                        .replay_dead_letters(id.as_deref(), limit)
+                        .await?;
+                    println!("replayed {n} dead letter(s)");
+                }
+                DeadLetterAction::Purge => {
+                    let n = backends.broker.purge_dead_letters().await?;
+                    println!("purged {n} dead letter(s)");
+                }
+            }
+            Ok(())
+        }
+        Command::Ingress {
+            backend,
+            livekit,
+            ingress,
+        } => {
+            livekit.validate()?;
+            ingress.validate(true)?;
+            let backends = connect(
+                &backend,
+                backend.broker_or(BrokerKind::Rabbitmq),
+                backend.store_or(StoreKind::Redis),
+            )
+            .await?;
+            cancel_on_signal(stop.clone());
+            let state = IngressState {
+                readiness: readiness(&backends),
+                max_body_bytes: ingress.max_body_bytes,
+            };
+            let server = serve(
+                ingress.http_addr,
+                callfleet_ingress::app(state),
+                stop.clone(),
+                "ingress",
+            )
+            .await?;
+            tracing::info!(addr = %ingress.http_addr, "ingress listening");
+            let _ = server.await;
+            Ok(())
+        }
+        Command::Worker {
+            backend,
+            livekit,
+            worker,
+        } => {
+            livekit.validate()?;
+            worker.validate()?;
+            let url = livekit.livekit_url.clone().context(
+                "LIVEKIT_URL: required for a worker (dev mode starts an emulator instead)",
+            )?;
+            let backends = connect(
+                &backend,
+                backend.broker_or(BrokerKind::Rabbitmq),
+                backend.store_or(StoreKind::Redis),
+            )
+            .await?;
+            let api = Arc::new(LiveKitApi::new(
+                &url,
+                &livekit.livekit_api_key,
+                livekit.livekit_api_secret.expose_secret(),
+                livekit.timeout(),
+            ));
+            cancel_on_signal(stop.clone());
+            let health = serve(
+                worker.worker_http_addr,
+                health_router(readiness(&backends)),
+                stop.clone(),
+                "worker health",
+            )
+            .await?;
+            tracing::info!(addr = %worker.worker_http_addr, "worker health and metrics listening");
+            worker_runtime(&backends, &worker, api)
+                .run(stop.clone(), worker.shutdown_deadline())
+                .await?;
+            let _ = health.await;
+            tracing::info!("worker stopped");
+            Ok(())
+        }
+        Command::Dev {
+            backend,
+            livekit,
+            mut ingress,
+            worker,
+            emulator_addr,
+        } => {
+            livekit.validate()?;
+            worker.validate()?;
+            let generated_key = if ingress.api_keys().is_empty() {
+                let key = format!("dev_{}", uuid_simple());
+                ingress.api_keys = key.clone().into();
+                Some(key)
+            } else {
+                None
+            };
+            ingress.validate(true)?;
+            let broker_kind = backend.broker_or(BrokerKind::Memory);
+            let store_kind = backend.store_or(StoreKind::Memory);
+            let backends = connect(&backend, broker_kind, store_kind).await?;
+            cancel_on_signal(stop.clone());
+
+            let (livekit_url, emulator) = match &livekit.livekit_url {
+                Some(url) => (url.clone(), None),
+                None => {
+                    let config = EmulatorConfig {
+                        keys: vec![(
+                            livekit.livekit_api_key.clone(),
+                            livekit.livekit_api_secret.expose_secret().to_owned(),
+                        )],
+                        webhook_urls: vec![format!(
+                            "http://{}/v1/livekit/webhook",
+                            ingress.http_addr
+                        )],
+                        ..Default::default()
+                    };
+                    let running = Emulator::start(config, emulator_addr)
+                        .await
+                        .with_context(|| format!("binding the emulator to {emulator_addr}"))?;
+                    (running.url(), Some(running))
+                }
+            };
+            let api = Arc::new(LiveKitApi::new(
+                &livekit_url,
+                &livekit.livekit_api_key,
+                livekit.livekit_api_secret.expose_secret(),
+                livekit.timeout(),
+            ));
+            let state = IngressState {
+                readiness: readiness(&backends),
+                max_body_bytes: ingress.max_body_bytes,
+            };
+            let server = serve(
+                ingress.http_addr,
+                callfleet_ingress::app(state),
+                stop.clone(),
+                "ingress",
+            )
+            .await?;
+            let runtime = worker_runtime(&backends, &worker, api);
+            let worker_stop = stop.clone();
+            let deadline = worker.shutdown_deadline();
+            let workers = tokio::spawn(async move { runtime.run(worker_stop, deadline).await });
+
+            let base = format!("http://{}", ingress.http_addr);
+            println!("callfleet dev fleet is up");
+            println!("  ingress        {base}  (health {base}/healthz, readiness {base}/readyz, metrics {base}/metrics)");
+            println!(
+                "  workers        in-process, queues: {}",
+                WorkQueue::ALL.map(|q| q.as_str()).join(", ")
+            );
+            println!("  broker/store   {broker_kind:?} / {store_kind:?}");
+            match &emulator {
+                Some(e) => println!("  LiveKit        emulator at {} (key {}), webhooks → {base}/v1/livekit/webhook", e.url(), livekit.livekit_api_key),
+                None => println!("  LiveKit        {livekit_url}"),
+            }
+            match &generated_key {
+                Some(key) => {
+                    println!("  API key        {key}  (set CALLFLEET_API_KEYS to choose your own)")
+                }
+                None => println!("  API key        from CALLFLEET_API_KEYS"),
+            }
+            println!();
+            println!("Try it:");
+            println!("  curl -s {base}/readyz");
+            if let Some(e) = &emulator {
+                println!(
+                    "  curl -s -X POST {}/emulator/v1/inbound -H 'content-type: application/json' -d '{{\"from\":\"+15105550123\",\"to\":\"+15105550100\",\"hangup_after_ms\":3000}}'",
+                    e.url()
+                );
+            }
+            println!("Press Ctrl-C to stop.");
+
+            let _ = server.await;
+            match tokio::time::timeout(deadline + Duration::from_secs(1), workers).await {
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "workers stopped with an error"),
+                Err(_) => tracing::warn!("workers did not stop within the deadline"),
+                _ => {}
+            }
+            if let Some(e) = emulator {
+                e.shutdown().await;
+            }
+            println!("callfleet dev stopped");
+            Ok(())
+        }
+    }
+}
+
+fn readiness(backends: &Backends) -> Readiness {
+    Readiness {
+        broker: Arc::clone(&backends.broker),
+        store: Arc::clone(&backends.store),
+        timeout: Duration::from_secs(2),
+    }
+}
+
+fn uuid_simple() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn serde_json_line(dead: &callfleet_core::ports::DeadLetter) -> String {
+    serde_json::to_string(dead)
+        .unwrap_or_else(|_| format!("{{\"message_id\":{:?}}}", dead.message_id))
+}

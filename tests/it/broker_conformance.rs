@@ -1,0 +1,423 @@
+//! One broker contract, two adapters: every case runs against the in-memory broker and
+//! against RabbitMQ.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use callfleet_core::ports::broker::headers;
+use callfleet_core::ports::{Broker, Message, WorkQueue};
+use chrono::Utc;
+
+use crate::harness::eventually;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn next(sub: &mut callfleet_core::ports::Subscription) -> callfleet_core::ports::Delivery {
+    tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("a delivery in time")
+        .expect("subscription open")
+}
+
+pub async fn publish_consume_ack(broker: Arc<dyn Broker>) {
+    let msg = Message::new(WorkQueue::CallJobs, &b"{\"n\":1}"[..])
+        .with_header(headers::TRACE_ID, "trace-1");
+    broker
+        .publish(msg.clone())
+        .await
+        .expect("confirmed publish");
+    let mut sub = broker
+        .subscribe(WorkQueue::CallJobs, 4)
+        .await
+        .expect("subscribe");
+    let d = next(&mut sub).await;
+    assert_eq!(d.message.id, msg.id);
+    assert_eq!(d.message.body, msg.body);
+    assert_eq!(d.message.queue, WorkQueue::CallJobs);
+    assert_eq!(
+        d.message.headers.get(headers::TRACE_ID).map(String::as_str),
+        Some("trace-1")
+    );
+    assert_eq!(d.redeliveries, 0);
+    d.ack().await.expect("ack");
+    drop(sub);
+    // Acked work is gone for good: nothing comes back after resubscribing.
+    eventually("queue to be empty", WAIT, || async {
+        (broker.queue_depth(WorkQueue::CallJobs).await.ok()? == 0).then_some(())
+    })
+    .await;
+    let mut again = broker
+        .subscribe(WorkQueue::CallJobs, 4)
+        .await
+        .expect("subscribe");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), again.next())
+            .await
+            .is_err(),
+        "acked message redelivered"
+    );
+}
+
+pub async fn unacked_is_redelivered_when_consumer_drops(broker: Arc<dyn Broker>) {
+    let msg = Message::new(WorkQueue::WebhookEvents, &b"{}"[..]);
+    broker.publish(msg.clone()).await.expect("publish");
+    let mut sub = broker
+        .subscribe(WorkQueue::WebhookEvents, 1)
+        .await
+        .expect("subscribe");
+    let first = next(&mut sub).await;
+    assert_eq!(first.message.id, msg.id);
+    drop(first); // never answered
+    drop(sub); // the consumer goes away
+    let mut sub = broker
+        .subscribe(WorkQueue::WebhookEvents, 1)
+        .await
+        .expect("resubscribe");
+    let again = next(&mut sub).await;
+    assert_eq!(again.message.id, msg.id, "the unacked message came back");
+    assert!(again.redeliveries >= 1, "marked as a redelivery");
+    again.ack().await.expect("ack");
+}
+
+pub async fn delayed_arrives_not_early_and_bounded_late(broker: Arc<dyn Broker>) {
+    let mut sub = broker
+        .subscribe(WorkQueue::Control, 4)
+        .await
+        .expect("subscribe");
+    let due = Utc::now() + chrono::Duration::milliseconds(1_700);
+    let msg = Message::new(WorkQueue::Control, &b"later"[..]).deliver_at(due);
+    broker.publish(msg.clone()).await.expect("publish delayed");
+    let now = Message::new(WorkQueue::Control, &b"now"[..]);
+    broker.publish(now.clone()).await.expect("publish now");
+    let first = next(&mut sub).await;
+    assert_eq!(
+        first.message.id, now.id,
+        "the undelayed message overtakes the delayed one"
+    );
+    first.ack().await.expect("ack");
+    let later = next(&mut sub).await;
+    let arrived = Utc::now();
+    assert_eq!(later.message.id, msg.id);
+    assert!(
+        arrived >= due - chrono::Duration::milliseconds(5),
+        "arrived {} ms early",
+        (due - arrived).num_milliseconds()
+    );
+    let late = (arrived - due).num_milliseconds();
+    assert!(late < 1_500, "arrived {late} ms late");
+    later.ack().await.expect("ack");
+}
+
+pub async fn delay_beyond_seven_days_is_refused(broker: Arc<dyn Broker>) {
+    let msg = Message::new(WorkQueue::CallJobs, &b"x"[..])
+        .deliver_at(Utc::now() + chrono::Duration::days(8));
+    let err = broker.publish(msg).await.expect_err("8 days is too long");
+    assert!(err.to_string().contains("7-day"), "{err}");
+    let week = Message::new(WorkQueue::CallJobs, &b"x"[..])
+        .deliver_at(Utc::now() + chrono::Duration::days(7) - chrono::Duration::seconds(5));
+    broker.publish(week).await.expect("7 days is accepted");
+}
+
+pub async fn poison_message_is_dead_lettered_after_the_limit(broker: Arc<dyn Broker>, limit: u32) {
+    let msg = Message::new(WorkQueue::CallJobs, &b"poison"[..]);
+    broker.publish(msg.clone()).await.expect("publish");
+    let mut sub = broker
+        .subscribe(WorkQueue::CallJobs, 1)
+        .await
+        .expect("subscribe");
+    let mut deliveries = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(1_500), sub.next()).await {
+            Ok(Some(d)) => {
+                assert_eq!(d.message.id, msg.id);
+                deliveries += 1;
+                assert!(
+                    deliveries <= limit + 1,
+                    "delivered {deliveries} times with limit {limit}"
+                );
+                d.requeue().await.expect("requeue");
+            }
+            _ => break,
+        }
+    }
+    assert!(
+        deliveries >= limit,
+        "only {deliveries} deliveries before dead-lettering"
+    );
+    let dead = eventually(
+        "the poison message in the dead-letter queue",
+        WAIT,
+        || async {
+            broker
+                .list_dead_letters(10)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|d| d.message_id == msg.id)
+        },
+    )
+    .await;
+    assert!(
+        dead.reason.contains("delivery_limit"),
+        "reason was {:?}",
+        dead.reason
+    );
+    assert_eq!(dead.queue, Some(WorkQueue::CallJobs));
+}
+
+pub async fn dead_letters_list_replay_purge(broker: Arc<dyn Broker>) {
+    let a = Message::new(WorkQueue::WebhookEvents, &b"{bad json"[..]);
+    let b = Message::new(WorkQueue::WebhookEvents, &b"{also bad"[..]);
+    broker
+        .dead_letter(a.clone(), "undecodable: expected value")
+        .await
+        .expect("park a");
+    broker
+        .dead_letter(b.clone(), "undecodable: eof")
+        .await
+        .expect("park b");
+    let listed = broker.list_dead_letters(10).await.expect("list");
+    assert_eq!(listed.len(), 2, "listing does not consume");
+    let la = listed
+        .iter()
+        .find(|d| d.message_id == a.id)
+        .expect("a listed");
+    assert_eq!(la.reason, "undecodable: expected value");
+    assert_eq!(la.body_preview, "{bad json");
+    assert_eq!(
+        broker
+            .list_dead_letters(10)
+            .await
+            .expect("list again")
+            .len(),
+        2
+    );
+
+    assert_eq!(
+        broker
+            .replay_dead_letters(Some(&a.id), 10)
+            .await
+            .expect("replay a"),
+        1
+    );
+    let mut sub = broker
+        .subscribe(WorkQueue::WebhookEvents, 1)
+        .await
+        .expect("subscribe");
+    let replayed = next(&mut sub).await;
+    assert_eq!(replayed.message.id, a.id);
+    assert_eq!(replayed.message.body, a.body);
+    assert!(!replayed.message.headers.contains_key(headers::DEAD_REASON));
+    replayed.ack().await.expect("ack");
+
+    assert_eq!(broker.purge_dead_letters().await.expect("purge"), 1);
+    assert!(broker.list_dead_letters(10).await.expect("list").is_empty());
+}
+
+pub async fn publish_many_confirms_each(broker: Arc<dyn Broker>) {
+    let messages: Vec<Message> = (0..200)
+        .map(|i| Message::new(WorkQueue::CallJobs, format!("{{\"i\":{i}}}").into_bytes()))
+        .collect();
+    let results = broker.publish_many(messages.clone()).await;
+    assert_eq!(results.len(), 200);
+    assert!(results.iter().all(Result::is_ok), "every message confirmed");
+    eventually("200 ready messages", WAIT, || async {
+        (broker.queue_depth(WorkQueue::CallJobs).await.ok()? == 200).then_some(())
+    })
+    .await;
+}
+
+pub async fn prefetch_bounds_unacked(broker: Arc<dyn Broker>) {
+    for i in 0..5 {
+        broker
+            .publish(Message::new(WorkQueue::Control, vec![i]))
+            .await
+            .expect("publish");
+    }
+    let mut sub = broker
+        .subscribe(WorkQueue::Control, 2)
+        .await
+        .expect("subscribe");
+    let a = next(&mut sub).await;
+    let b = next(&mut sub).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(400), sub.next())
+            .await
+            .is_err(),
+        "a third delivery beyond prefetch 2"
+    );
+    a.ack().await.expect("ack");
+    let c = next(&mut sub).await;
+    b.ack().await.expect("ack");
+    c.ack().await.expect("ack");
+}
+
+macro_rules! conformance {
+    ($($name:ident $(($arg:expr))?),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(crate::harness::memory_broker(3) $(, $arg)?).await;
+                }
+            )*
+        }
+        mod rabbitmq {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (broker, prefix) = crate::harness::rabbit_broker(stringify!($name), 3).await;
+                    super::$name(broker $(, $arg)?).await;
+                    crate::harness::cleanup_rabbit(&prefix).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    publish_consume_ack,
+    unacked_is_redelivered_when_consumer_drops,
+    delayed_arrives_not_early_and_bounded_late,
+    delay_beyond_seven_days_is_refused,
+    poison_message_is_dead_lettered_after_the_limit(3),
+    dead_letters_list_replay_purge,
+    publish_many_confirms_each,
+    prefetch_bounds_unacked,
+);
+
+mod rabbitmq_only {
+    use std::time::{Duration, Instant};
+
+    use callfleet_core::adapters::{RabbitBroker, RabbitConfig};
+    use callfleet_core::ports::{Broker, Message, WorkQueue};
+
+    use crate::harness::{cleanup_rabbit, rabbit_broker};
+
+    #[tokio::test]
+    async fn unreachable_broker_fails_fast() {
+        let started = Instant::now();
+        let result = RabbitBroker::connect(RabbitConfig {
+            url: "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+            prefix: "unreachable".into(),
+            delivery_limit: 3,
+            publish_timeout: Duration::from_secs(2),
+        })
+        .await;
+        assert!(result.is_err(), "connecting to a closed port must fail");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "failed only after {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn declaring_the_topology_twice_is_idempotent() {
+        let (first, prefix) = rabbit_broker("idempotent", 3).await;
+        let second = RabbitBroker::connect(RabbitConfig {
+            url: crate::harness::amqp_url(),
+            prefix: prefix.clone(),
+            delivery_limit: 3,
+            publish_timeout: Duration::from_secs(5),
+        })
+        .await
+        .expect("same topology declared again");
+        second
+            .publish(Message::new(WorkQueue::CallJobs, &b"x"[..]))
+            .await
+            .expect("publish");
+        assert_eq!(
+            first.queue_depth(WorkQueue::CallJobs).await.expect("depth"),
+            1
+        );
+        cleanup_rabbit(&prefix).await;
+    }
+
+    /// Closes this test's connections only (named after its prefix), as
+    /// `rabbitmqctl close_all_connections` would close everyone's.
+    fn close_connections_named(prefix: &str) -> usize {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args([
+                "list_connections",
+                "-q",
+                "--no-table-headers",
+                "pid",
+                "client_properties",
+            ])
+            .output()
+            .expect("rabbitmqctl must be installed for the recovery test");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut closed = 0;
+        for line in text.lines().filter(|l| l.contains(prefix)) {
+            let Some(pid) = line.split_whitespace().next() else {
+                continue;
+            };
+            let status = std::process::Command::new("rabbitmqctl")
+                .args(["close_connection", pid, "callfleet recovery test"])
+                .status()
+                .expect("rabbitmqctl");
+            assert!(status.success(), "close_connection {pid}");
+            closed += 1;
+        }
+        closed
+    }
+
+    #[tokio::test]
+    async fn recovers_after_the_broker_closes_the_connection_without_losing_messages() {
+        let (broker, prefix) = rabbit_broker("recovery", 5).await;
+        let mut sub = broker
+            .subscribe(WorkQueue::CallJobs, 4)
+            .await
+            .expect("subscribe");
+        let before = Message::new(WorkQueue::CallJobs, &b"before"[..]);
+        broker
+            .publish(before.clone())
+            .await
+            .expect("publish before");
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("in time")
+            .expect("open");
+        assert_eq!(d.message.id, before.id);
+        // Leave it unacked, then cut the connection under both the consumer and the publisher.
+        let closed = crate::harness::eventually(
+            "the test connection to show up",
+            Duration::from_secs(10),
+            || async {
+                let n = close_connections_named(&prefix);
+                (n > 0).then_some(n)
+            },
+        )
+        .await;
+        assert!(closed >= 1);
+        drop(d);
+        // The publisher reconnects by itself (retrying what a caller would retry).
+        let after = Message::new(WorkQueue::CallJobs, &b"after"[..]);
+        crate::harness::eventually(
+            "a publish after the connection was closed",
+            Duration::from_secs(20),
+            || {
+                let broker = broker.clone();
+                let after = after.clone();
+                async move { broker.publish(after).await.ok() }
+            },
+        )
+        .await;
+        // The consumer resubscribes by itself and gets both: the unacked one back, and the new one.
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < 2 {
+            let d = tokio::time::timeout(Duration::from_secs(20), sub.next())
+                .await
+                .expect("deliveries after recovery")
+                .expect("open");
+            seen.insert(d.message.id.clone());
+            d.ack().await.expect("ack after recovery");
+        }
+        assert!(
+            seen.contains(&before.id) && seen.contains(&after.id),
+            "no message lost: {seen:?}"
+        );
+        cleanup_rabbit(&prefix).await;
+    }
+}

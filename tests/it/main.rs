@@ -1,0 +1,10 @@
+//! callfleet's integration and end-to-end tests: one test binary (one link) with a module
+//! per area. Tests that need RabbitMQ or Redis use the real local services (the test
+//! command starts them) and fail loudly when they are unreachable; every test uses its own
+//! queue and key prefix so tests run in parallel.
+
+mod broker_conformance;
+mod emulator;
+mod harness;
+mod store_conformance;
+mod worker_runtime;

@@ -1,0 +1,186 @@
+//! The worker runtime: bounded retries to the dead-letter queue, panics contained, and a
+//! graceful drain that finishes or hands back in-flight work.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use callfleet_core::ports::{Message, WorkQueue};
+use callfleet_workers::{Handler, HandlerOutcome, WorkerRuntime};
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{eventually, memory_broker};
+
+struct Scripted {
+    calls: AtomicU32,
+    behaviour: fn(&Message) -> HandlerOutcome,
+    sleep: Duration,
+}
+
+#[async_trait]
+impl Handler for Scripted {
+    fn queue(&self) -> WorkQueue {
+        WorkQueue::CallJobs
+    }
+    async fn handle(&self, message: &Message, _redeliveries: u32) -> HandlerOutcome {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.sleep).await;
+        if message.body.as_ref() == b"panic" {
+            panic!("handler bug");
+        }
+        (self.behaviour)(message)
+    }
+}
+
+fn handler(behaviour: fn(&Message) -> HandlerOutcome, sleep: Duration) -> Arc<Scripted> {
+    Arc::new(Scripted {
+        calls: AtomicU32::new(0),
+        behaviour,
+        sleep,
+    })
+}
+
+#[tokio::test]
+async fn retries_are_bounded_then_dead_lettered_with_history() {
+    let broker = memory_broker(10);
+    let h = handler(
+        |_| HandlerOutcome::RetryAfter {
+            after: Duration::from_millis(10),
+            reason: "livekit unavailable".into(),
+        },
+        Duration::ZERO,
+    );
+    let stop = CancellationToken::new();
+    let runtime = WorkerRuntime::new(Arc::clone(&broker), 4, 4, 3).with_handler(h.clone());
+    let task = tokio::spawn(runtime.run(stop.clone(), Duration::from_secs(5)));
+    let msg = Message::new(WorkQueue::CallJobs, &b"job"[..]);
+    broker.publish(msg.clone()).await.expect("publish");
+    let dead = eventually(
+        "the job in the dead-letter queue",
+        Duration::from_secs(10),
+        || async {
+            broker
+                .list_dead_letters(10)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|d| d.message_id == msg.id)
+        },
+    )
+    .await;
+    assert_eq!(h.calls.load(Ordering::SeqCst), 3, "exactly max attempts");
+    assert!(
+        dead.reason
+            .contains("retries exhausted: livekit unavailable"),
+        "{}",
+        dead.reason
+    );
+    assert!(
+        dead.headers
+            .get("x-callfleet-attempts")
+            .is_some_and(|a| a.matches('#').count() == 3),
+        "{:?}",
+        dead.headers
+    );
+    stop.cancel();
+    task.await.expect("join").expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_panicking_handler_dead_letters_instead_of_looping() {
+    let broker = memory_broker(10);
+    let h = handler(|_| HandlerOutcome::Done, Duration::ZERO);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(
+        WorkerRuntime::new(Arc::clone(&broker), 4, 4, 3)
+            .with_handler(h.clone())
+            .run(stop.clone(), Duration::from_secs(5)),
+    );
+    broker
+        .publish(Message::new(WorkQueue::CallJobs, &b"panic"[..]))
+        .await
+        .expect("publish");
+    broker
+        .publish(Message::new(WorkQueue::CallJobs, &b"fine"[..]))
+        .await
+        .expect("publish");
+    let dead = eventually(
+        "the panicking job parked",
+        Duration::from_secs(5),
+        || async { broker.list_dead_letters(10).await.ok()?.into_iter().next() },
+    )
+    .await;
+    assert_eq!(dead.reason, "handler panicked");
+    eventually("the other job done", Duration::from_secs(5), || async {
+        (h.calls.load(Ordering::SeqCst) == 2).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("join").expect("clean stop");
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_work_within_the_deadline() {
+    let broker = memory_broker(10);
+    let h = handler(|_| HandlerOutcome::Done, Duration::from_millis(300));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(
+        WorkerRuntime::new(Arc::clone(&broker), 4, 4, 3)
+            .with_handler(h.clone())
+            .run(stop.clone(), Duration::from_secs(5)),
+    );
+    broker
+        .publish(Message::new(WorkQueue::CallJobs, &b"slow"[..]))
+        .await
+        .expect("publish");
+    eventually("the job to start", Duration::from_secs(5), || async {
+        (h.calls.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("join").expect("clean stop");
+    assert_eq!(
+        broker
+            .queue_depth(WorkQueue::CallJobs)
+            .await
+            .expect("depth"),
+        0,
+        "finished and acked, not handed back"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_hands_back_work_that_outlives_the_deadline() {
+    let broker = memory_broker(10);
+    let slow = handler(|_| HandlerOutcome::Done, Duration::from_secs(30));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(
+        WorkerRuntime::new(Arc::clone(&broker), 4, 4, 3)
+            .with_handler(slow.clone())
+            .run(stop.clone(), Duration::from_millis(200)),
+    );
+    let msg = Message::new(WorkQueue::CallJobs, &b"stuck"[..]);
+    broker.publish(msg.clone()).await.expect("publish");
+    eventually("the job to start", Duration::from_secs(5), || async {
+        (slow.calls.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("stops within the deadline")
+        .expect("join")
+        .expect("clean stop");
+    // Another worker picks the unfinished job up.
+    let mut sub = broker
+        .subscribe(WorkQueue::CallJobs, 1)
+        .await
+        .expect("subscribe");
+    let again = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("handed back")
+        .expect("open");
+    assert_eq!(again.message.id, msg.id);
+    assert!(again.redeliveries >= 1);
+}

@@ -1,0 +1,257 @@
+//! The worker runtime: one subscription per queue a handler serves, a shared concurrency
+//! bound, panic isolation, bounded retries and a graceful drain.
+//!
+//! On shutdown it stops taking new deliveries, gives in-flight jobs until the deadline to
+//! finish, then drops the subscriptions (which hands anything unfinished back to the
+//! broker) and returns.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use callfleet_core::ports::broker::headers;
+use callfleet_core::ports::{Broker, Delivery, Message, WorkQueue};
+use callfleet_core::telemetry::metrics as m;
+use futures::FutureExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// What a handler decided about one message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HandlerOutcome {
+    /// Done (the effect and its record are durable): ack.
+    Done,
+    /// Transient failure: publish again after `after` (counts as an attempt).
+    RetryAfter { after: Duration, reason: String },
+    /// Cannot succeed: park in the dead-letter queue with the reason.
+    DeadLetter { reason: String },
+}
+
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// The queue this handler consumes.
+    fn queue(&self) -> WorkQueue;
+    /// Handles one message. Must be idempotent: a message can arrive more than once.
+    async fn handle(&self, message: &Message, redeliveries: u32) -> HandlerOutcome;
+}
+
+/// Header counting broker-delayed retries of one job.
+pub const RETRY_HEADER: &str = "x-callfleet-retry";
+
+pub struct WorkerRuntime {
+    broker: Arc<dyn Broker>,
+    handlers: HashMap<WorkQueue, Arc<dyn Handler>>,
+    prefetch: u16,
+    concurrency: usize,
+    max_retries: u32,
+}
+
+impl WorkerRuntime {
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        prefetch: u16,
+        concurrency: usize,
+        max_retries: u32,
+    ) -> Self {
+        Self {
+            broker,
+            handlers: HashMap::new(),
+            prefetch,
+            concurrency,
+            max_retries,
+        }
+    }
+
+    pub fn with_handler(mut self, handler: Arc<dyn Handler>) -> Self {
+        self.handlers.insert(handler.queue(), handler);
+        self
+    }
+
+    /// Runs until `stop` is cancelled, then drains for at most `deadline`.
+    pub async fn run(
+        self,
+        stop: CancellationToken,
+        deadline: Duration,
+    ) -> Result<(), callfleet_core::ports::BrokerError> {
+        let permits = Arc::new(Semaphore::new(self.concurrency.max(1)));
+        let mut subscriptions = Vec::new();
+        for (queue, handler) in &self.handlers {
+            subscriptions.push((
+                *queue,
+                Arc::clone(handler),
+                self.broker.subscribe(*queue, self.prefetch).await?,
+            ));
+        }
+        let mut jobs: JoinSet<()> = JoinSet::new();
+        let mut pullers: JoinSet<()> = JoinSet::new();
+        let (job_tx, mut job_rx) = tokio::sync::mpsc::channel::<(
+            Arc<dyn Handler>,
+            Delivery,
+            tokio::sync::OwnedSemaphorePermit,
+        )>(1);
+        let pull_stop = stop.clone();
+        // Subscriptions stay open until in-flight jobs drained, so their acks still land.
+        let release = CancellationToken::new();
+        for (queue, handler, mut sub) in subscriptions {
+            let release = release.clone();
+            let permits = Arc::clone(&permits);
+            let tx = job_tx.clone();
+            let stop = pull_stop.clone();
+            pullers.spawn(async move {
+                loop {
+                    // Take a concurrency slot before taking work, so prefetched messages
+                    // are not held hostage by a saturated worker.
+                    let permit = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                    };
+                    let delivery = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        d = sub.next() => match d { Some(d) => d, None => break },
+                    };
+                    if tx.send((Arc::clone(&handler), delivery, permit)).await.is_err() {
+                        break;
+                    }
+                }
+                tracing::debug!(queue = queue.as_str(), "stopped consuming");
+                release.cancelled().await;
+                drop(sub);
+            });
+        }
+        drop(job_tx);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                next = job_rx.recv() => {
+                    let Some((handler, delivery, permit)) = next else {
+                        // Every subscription ended (or none was needed): idle until told to stop.
+                        stop.cancelled().await;
+                        break;
+                    };
+                    let broker = Arc::clone(&self.broker);
+                    let max_retries = self.max_retries;
+                    jobs.spawn(async move {
+                        run_one(broker, handler, delivery, max_retries).await;
+                        drop(permit);
+                    });
+                }
+                Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
+            }
+        }
+        tracing::info!(in_flight = jobs.len(), "draining in-flight jobs");
+        let drained = tokio::time::timeout(deadline, async {
+            while jobs.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                abandoned = jobs.len(),
+                "shutdown deadline reached; handing unfinished jobs back to the broker"
+            );
+            jobs.abort_all();
+        }
+        // Deliveries still queued for a job slot are dropped unanswered; then dropping the
+        // subscriptions closes their channels and all unacked work goes back.
+        drop(job_rx);
+        release.cancel();
+        while pullers.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+/// Exponential backoff with full jitter for broker-delayed retries: base 1 s, cap 10 min.
+pub fn retry_delay(retry: u32) -> Duration {
+    let cap = Duration::from_secs(600);
+    let exp = Duration::from_secs(1)
+        .saturating_mul(2u32.saturating_pow(retry.min(20)))
+        .min(cap);
+    let jitter = rand::random::<f64>();
+    Duration::from_millis((exp.as_millis() as f64 * (0.5 + 0.5 * jitter)) as u64)
+}
+
+async fn run_one(
+    broker: Arc<dyn Broker>,
+    handler: Arc<dyn Handler>,
+    delivery: Delivery,
+    max_retries: u32,
+) {
+    let queue = handler.queue();
+    let started = Instant::now();
+    metrics::gauge!(m::INFLIGHT_JOBS, "queue" => queue.as_str()).increment(1.0);
+    let outcome =
+        std::panic::AssertUnwindSafe(handler.handle(&delivery.message, delivery.redeliveries))
+            .catch_unwind()
+            .await;
+    metrics::gauge!(m::INFLIGHT_JOBS, "queue" => queue.as_str()).decrement(1.0);
+    metrics::histogram!(m::JOB_SECONDS, "queue" => queue.as_str())
+        .record(started.elapsed().as_secs_f64());
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(_) => HandlerOutcome::DeadLetter {
+            reason: "handler panicked".into(),
+        },
+    };
+    let label = match &outcome {
+        HandlerOutcome::Done => "done",
+        HandlerOutcome::RetryAfter { .. } => "retry",
+        HandlerOutcome::DeadLetter { .. } => "dead_letter",
+    };
+    metrics::counter!(m::JOBS_PROCESSED, "queue" => queue.as_str(), "outcome" => label)
+        .increment(1);
+    let result = match outcome {
+        HandlerOutcome::Done => delivery.ack().await,
+        HandlerOutcome::RetryAfter { after, reason } => {
+            let retries: u32 = delivery
+                .message
+                .headers
+                .get(RETRY_HEADER)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let mut next = delivery.message.clone();
+            let history = format!(
+                "{}{}#{}: {}",
+                next.headers
+                    .get(headers::ATTEMPTS)
+                    .map(|h| format!("{h}; "))
+                    .unwrap_or_default(),
+                chrono::Utc::now().to_rfc3339(),
+                retries + 1,
+                reason
+            );
+            next.headers.insert(headers::ATTEMPTS.into(), history);
+            if retries + 1 >= max_retries {
+                metrics::counter!(m::DEAD_LETTERS, "queue" => queue.as_str(), "reason" => "retries_exhausted").increment(1);
+                match broker
+                    .dead_letter(next, &format!("retries exhausted: {reason}"))
+                    .await
+                {
+                    Ok(()) => delivery.ack().await,
+                    Err(e) => Err(e),
+                }
+            } else {
+                metrics::counter!(m::JOB_RETRIES, "queue" => queue.as_str()).increment(1);
+                next.headers
+                    .insert(RETRY_HEADER.into(), (retries + 1).to_string());
+                next.deliver_at = Some(
+                    chrono::Utc::now() + chrono::Duration::from_std(after).unwrap_or_default(),
+                );
+                match broker.publish(next).await {
+                    Ok(()) => delivery.ack().await,
+                    Err(e) => Err(e),
+                }
+            }
+        }
+        HandlerOutcome::DeadLetter { reason } => {
+            match broker.dead_letter(delivery.message.clone(), &reason).await {
+                Ok(()) => delivery.ack().await,
+                Err(e) => Err(e),
+            }
+        }
+    };
+    if let Err(e) = result {
+        // The delivery stays unacked and is redelivered: at-least-once, never lost.
+        tracing::warn!(queue = queue.as_str(), error = %e, "could not settle a delivery; it will be redelivered");
+    }
+}
