@@ -126,19 +126,14 @@ pub async fn poison_message_is_dead_lettered_after_the_limit(broker: Arc<dyn Bro
         .await
         .expect("subscribe");
     let mut deliveries = 0;
-    loop {
-        match tokio::time::timeout(Duration::from_millis(1_500), sub.next()).await {
-            Ok(Some(d)) => {
-                assert_eq!(d.message.id, msg.id);
-                deliveries += 1;
-                assert!(
-                    deliveries <= limit + 1,
-                    "delivered {deliveries} times with limit {limit}"
-                );
-                d.requeue().await.expect("requeue");
-            }
-            _ => break,
-        }
+    while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(1_500), sub.next()).await {
+        assert_eq!(d.message.id, msg.id);
+        deliveries += 1;
+        assert!(
+            deliveries <= limit + 1,
+            "delivered {deliveries} times with limit {limit}"
+        );
+        d.requeue().await.expect("requeue");
     }
     assert!(
         deliveries >= limit,

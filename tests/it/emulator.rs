@@ -24,6 +24,14 @@ use serde_json::{json, Value};
 
 use crate::harness::eventually;
 
+/// (dialled number, scripted outcome, expected Twirp code and SIP status, disconnect reason)
+type OutcomeCase = (
+    &'static str,
+    Outcome,
+    Option<(&'static str, Option<u16>)>,
+    proto::DisconnectReason,
+);
+
 /// A webhook receiver that records what it got and can be told to fail.
 mod parking_lot_free {
     use std::sync::{Arc, Mutex};
@@ -220,12 +228,7 @@ async fn every_sip_outcome_has_livekits_code_meta_and_disconnect_reason() {
     let (sink, url) = start_sink().await;
     let e = start(Some(url)).await;
     let sip = SIPClient::with_api_key(&e.url(), "devkey", "secret");
-    let cases: [(
-        &str,
-        Outcome,
-        Option<(&str, Option<u16>)>,
-        proto::DisconnectReason,
-    ); 7] = [
+    let cases: [OutcomeCase; 7] = [
         (
             "+15550000001",
             Outcome::Answer,
