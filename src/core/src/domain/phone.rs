@@ -130,10 +130,7 @@ mod tests {
             E164::parse("hello", us()),
             Err(PhoneError::Unparseable(_))
         ));
-        assert_eq!(
-            E164::parse("+12010550123", None),
-            Err(PhoneError::Invalid)
-        );
+        assert_eq!(E164::parse("+12010550123", None), Err(PhoneError::Invalid));
         assert!(
             E164::parse("5551234", None).is_err(),
             "national number without region"
