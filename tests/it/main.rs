@@ -6,5 +6,6 @@
 mod broker_conformance;
 mod emulator;
 mod harness;
+mod lifecycle;
 mod store_conformance;
 mod worker_runtime;
