@@ -111,6 +111,14 @@ impl Inner {
         self.webhooks.reset();
     }
 
+    /// Updates the record with sequence number `seq` (recent records are searched first).
+    pub fn update_record(&self, seq: u64, f: impl FnOnce(&mut ApiRecord)) {
+        let mut records = self.records.lock();
+        if let Some(r) = records.requests.iter_mut().rev().find(|r| r.seq == seq) {
+            f(r);
+        }
+    }
+
     pub fn record(&self, record: ApiRecord) {
         if self.config.record {
             self.records.lock().requests.push(record);

@@ -364,6 +364,24 @@ struct Summary {
     fields: HashMap<String, String>,
 }
 
+/// Marks a request's record `client_gone` if the client hung up before it was answered
+/// (the handler future is dropped then), so a timed-out call still shows in the record.
+struct InFlight {
+    emu: Emulator,
+    seq: u64,
+    done: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.done {
+            self.emu
+                .inner
+                .update_record(self.seq, |r| r.result = "client_gone".into());
+        }
+    }
+}
+
 async fn handle(
     State(emu): State<Emulator>,
     Path((service_method, method)): Path<(String, String)>,
@@ -371,14 +389,31 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let started = Instant::now();
-    let at_ms = crate::ids::now_ms();
     let service = service_method
         .strip_prefix("livekit.")
         .unwrap_or(&service_method)
         .to_owned();
+    // Recorded on arrival: a request counts even if the client gives up before the answer.
+    let seq = emu.inner.next_seq();
+    emu.inner.record(ApiRecord {
+        seq,
+        at_ms: crate::ids::now_ms(),
+        service: service.clone(),
+        method: method.clone(),
+        room: None,
+        identity: None,
+        fields: HashMap::new(),
+        status: 0,
+        result: "in_flight".into(),
+        duration_ms: 0,
+    });
+    let mut guard = InFlight {
+        emu: emu.clone(),
+        seq,
+        done: false,
+    };
     let mut summary = Summary::default();
-    let response = serve(&emu, &service, &method, &headers, &body, &mut summary).await;
-    let mut response = response;
+    let mut response = serve(&emu, &service, &method, &headers, &body, &mut summary).await;
     response
         .headers_mut()
         .insert("x-lk-mock-region", HeaderValue::from_static("0"));
@@ -396,18 +431,16 @@ async fn handle(
             }
         });
     response.headers_mut().remove("x-emulator-twirp-code");
-    emu.inner.record(ApiRecord {
-        seq: emu.inner.next_seq(),
-        at_ms,
-        service,
-        method,
-        room: summary.room,
-        identity: summary.identity,
-        fields: summary.fields,
-        status,
-        result,
-        duration_ms: started.elapsed().as_millis() as u64,
+    let duration_ms = started.elapsed().as_millis() as u64;
+    emu.inner.update_record(seq, |r| {
+        r.room = summary.room.take();
+        r.identity = summary.identity.take();
+        r.fields = std::mem::take(&mut summary.fields);
+        r.status = status;
+        r.result = result.clone();
+        r.duration_ms = duration_ms;
     });
+    guard.done = true;
     response
 }
 
