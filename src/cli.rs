@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use callfleet_core::adapters::{Backends, LiveKitApi};
 use callfleet_core::config::{
-    BackendConfig, BrokerKind, IngressConfig, LiveKitConfig, LogConfig, StoreKind, WorkerConfig,
+    parse_key_pairs, BackendConfig, BrokerKind, IngressConfig, LiveKitConfig, LogConfig, StoreKind,
+    WorkerConfig,
 };
 use callfleet_core::lifecycle::{cancel_on_signal, health_router, Readiness};
 use callfleet_core::ports::WorkQueue;
@@ -115,18 +116,6 @@ enum DeadLetterAction {
     Purge,
 }
 
-fn parse_keys(keys: &str) -> Result<Vec<(String, String)>> {
-    keys.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            pair.split_once(':')
-                .map(|(k, s)| (k.to_owned(), s.to_owned()))
-                .with_context(|| format!("CALLFLEET_EMULATOR_KEYS: {pair:?} is not key:secret"))
-        })
-        .collect()
-}
-
 async fn connect(
     backend: &BackendConfig,
     broker: BrokerKind,
@@ -183,7 +172,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             webhook_urls,
         } => {
             let config = EmulatorConfig {
-                keys: parse_keys(&keys)?,
+                keys: parse_key_pairs("CALLFLEET_EMULATOR_KEYS", &keys)?,
                 webhook_urls: webhook_urls
                     .split(',')
                     .map(str::trim)
@@ -246,17 +235,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             )
             .await?;
             cancel_on_signal(stop.clone());
-            let state = IngressState {
-                readiness: readiness(&backends),
-                max_body_bytes: ingress.max_body_bytes,
-            };
-            let server = serve(
-                ingress.http_addr,
-                callfleet_ingress::app(state),
-                stop.clone(),
-                "ingress",
-            )
-            .await?;
+            let server = start_ingress(&backends, &ingress, stop.clone()).await?;
             tracing::info!(addr = %ingress.http_addr, "ingress listening");
             let _ = server.await;
             Ok(())
@@ -277,12 +256,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 backend.store_or(StoreKind::Redis),
             )
             .await?;
-            let api = Arc::new(LiveKitApi::new(
-                &url,
-                &livekit.livekit_api_key,
-                livekit.livekit_api_secret.expose_secret(),
-                livekit.timeout(),
-            ));
+            let api = livekit_client(&url, &livekit);
             cancel_on_signal(stop.clone());
             let health = serve(
                 worker.worker_http_addr,
@@ -341,23 +315,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                     (running.url(), Some(running))
                 }
             };
-            let api = Arc::new(LiveKitApi::new(
-                &livekit_url,
-                &livekit.livekit_api_key,
-                livekit.livekit_api_secret.expose_secret(),
-                livekit.timeout(),
-            ));
-            let state = IngressState {
-                readiness: readiness(&backends),
-                max_body_bytes: ingress.max_body_bytes,
-            };
-            let server = serve(
-                ingress.http_addr,
-                callfleet_ingress::app(state),
-                stop.clone(),
-                "ingress",
-            )
-            .await?;
+            let api = livekit_client(&livekit_url, &livekit);
+            let server = start_ingress(&backends, &ingress, stop.clone()).await?;
             let runtime = worker_runtime(&backends, &worker, api);
             let worker_stop = stop.clone();
             let deadline = worker.shutdown_deadline();
@@ -405,6 +364,33 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn start_ingress(
+    backends: &Backends,
+    ingress: &IngressConfig,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let state = IngressState {
+        readiness: readiness(backends),
+        max_body_bytes: ingress.max_body_bytes,
+    };
+    serve(
+        ingress.http_addr,
+        callfleet_ingress::app(state),
+        stop,
+        "ingress",
+    )
+    .await
+}
+
+fn livekit_client(url: &str, livekit: &LiveKitConfig) -> Arc<LiveKitApi> {
+    Arc::new(LiveKitApi::new(
+        url,
+        &livekit.livekit_api_key,
+        livekit.livekit_api_secret.expose_secret(),
+        livekit.timeout(),
+    ))
 }
 
 fn readiness(backends: &Backends) -> Readiness {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use callfleet_core::ports::{Message, WorkQueue};
+use callfleet_core::ports::{Broker, BrokerError, Message, WorkQueue};
 use callfleet_workers::{Handler, HandlerOutcome, WorkerRuntime};
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +41,17 @@ fn handler(behaviour: fn(&Message) -> HandlerOutcome, sleep: Duration) -> Arc<Sc
     })
 }
 
+/// A runtime (prefetch 4, concurrency 4, 3 attempts) serving `handler` until `stop`.
+fn spawn_runtime(
+    broker: &Arc<dyn Broker>,
+    handler: Arc<Scripted>,
+    stop: &CancellationToken,
+    deadline: Duration,
+) -> tokio::task::JoinHandle<Result<(), BrokerError>> {
+    let runtime = WorkerRuntime::new(Arc::clone(broker), 4, 4, 3).with_handler(handler);
+    tokio::spawn(runtime.run(stop.clone(), deadline))
+}
+
 #[tokio::test]
 async fn retries_are_bounded_then_dead_lettered_with_history() {
     let broker = memory_broker(10);
@@ -52,8 +63,7 @@ async fn retries_are_bounded_then_dead_lettered_with_history() {
         Duration::ZERO,
     );
     let stop = CancellationToken::new();
-    let runtime = WorkerRuntime::new(Arc::clone(&broker), 4, 4, 3).with_handler(h.clone());
-    let task = tokio::spawn(runtime.run(stop.clone(), Duration::from_secs(5)));
+    let task = spawn_runtime(&broker, h.clone(), &stop, Duration::from_secs(5));
     let msg = Message::new(WorkQueue::CallJobs, &b"job"[..]);
     broker.publish(msg.clone()).await.expect("publish");
     let dead = eventually(
@@ -92,11 +102,7 @@ async fn a_panicking_handler_dead_letters_instead_of_looping() {
     let broker = memory_broker(10);
     let h = handler(|_| HandlerOutcome::Done, Duration::ZERO);
     let stop = CancellationToken::new();
-    let task = tokio::spawn(
-        WorkerRuntime::new(Arc::clone(&broker), 4, 4, 3)
-            .with_handler(h.clone())
-            .run(stop.clone(), Duration::from_secs(5)),
-    );
+    let task = spawn_runtime(&broker, h.clone(), &stop, Duration::from_secs(5));
     broker
         .publish(Message::new(WorkQueue::CallJobs, &b"panic"[..]))
         .await
@@ -125,11 +131,7 @@ async fn shutdown_finishes_in_flight_work_within_the_deadline() {
     let broker = memory_broker(10);
     let h = handler(|_| HandlerOutcome::Done, Duration::from_millis(300));
     let stop = CancellationToken::new();
-    let task = tokio::spawn(
-        WorkerRuntime::new(Arc::clone(&broker), 4, 4, 3)
-            .with_handler(h.clone())
-            .run(stop.clone(), Duration::from_secs(5)),
-    );
+    let task = spawn_runtime(&broker, h.clone(), &stop, Duration::from_secs(5));
     broker
         .publish(Message::new(WorkQueue::CallJobs, &b"slow"[..]))
         .await
@@ -155,11 +157,7 @@ async fn shutdown_hands_back_work_that_outlives_the_deadline() {
     let broker = memory_broker(10);
     let slow = handler(|_| HandlerOutcome::Done, Duration::from_secs(30));
     let stop = CancellationToken::new();
-    let task = tokio::spawn(
-        WorkerRuntime::new(Arc::clone(&broker), 4, 4, 3)
-            .with_handler(slow.clone())
-            .run(stop.clone(), Duration::from_millis(200)),
-    );
+    let task = spawn_runtime(&broker, slow.clone(), &stop, Duration::from_millis(200));
     let msg = Message::new(WorkQueue::CallJobs, &b"stuck"[..]);
     broker.publish(msg.clone()).await.expect("publish");
     eventually("the job to start", Duration::from_secs(5), || async {

@@ -25,6 +25,23 @@ fn bad(var: &'static str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Parses `key:secret,key2:secret2` (blank entries ignored); errors name `var`.
+pub fn parse_key_pairs(
+    var: &'static str,
+    text: &str,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            pair.split_once(':')
+                .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| bad(var, "each entry must be key:secret"))
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BrokerKind {
     /// In-process broker (dev mode, tests): nothing survives the process.
@@ -190,18 +207,8 @@ impl LiveKitConfig {
             self.livekit_api_key.clone(),
             self.livekit_api_secret.clone(),
         )];
-        for pair in self
-            .webhook_keys
-            .expose_secret()
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-        {
-            let (k, v) = pair
-                .split_once(':')
-                .ok_or_else(|| bad("CALLFLEET_WEBHOOK_KEYS", "each entry must be key:secret"))?;
-            keys.push((k.to_owned(), SecretString::from(v.to_owned())));
-        }
+        let extra = parse_key_pairs("CALLFLEET_WEBHOOK_KEYS", self.webhook_keys.expose_secret())?;
+        keys.extend(extra.into_iter().map(|(k, v)| (k, SecretString::from(v))));
         Ok(keys)
     }
 

@@ -169,6 +169,7 @@ impl Emulator {
     /// Replaces the global fault settings.
     pub fn set_faults(&self, faults: Faults) {
         *self.inner.faults.lock() = faults;
+        self.inner.faults_changed.notify_waiters();
     }
 
     /// Adds a webhook URL at run time.

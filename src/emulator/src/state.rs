@@ -74,6 +74,8 @@ pub struct Inner {
     pub records: Mutex<Records>,
     pub scripts: Mutex<HashMap<String, CallScript>>,
     pub faults: Mutex<Faults>,
+    /// Signalled whenever the faults are replaced (paused deliveries wait on it).
+    pub faults_changed: tokio::sync::Notify,
     pub webhook_urls: Mutex<Vec<String>>,
     pub webhooks: WebhookSender,
     pub seq: AtomicU64,
@@ -90,6 +92,7 @@ impl Inner {
             records: Mutex::new(Records::default()),
             scripts: Mutex::new(HashMap::new()),
             faults: Mutex::new(Faults::default()),
+            faults_changed: tokio::sync::Notify::new(),
             webhook_urls: Mutex::new(urls),
             seq: AtomicU64::new(0),
         })
@@ -108,6 +111,7 @@ impl Inner {
         *self.records.lock() = Records::default();
         self.scripts.lock().clear();
         *self.faults.lock() = Faults::default();
+        self.faults_changed.notify_waiters();
         self.webhooks.reset();
     }
 

@@ -216,43 +216,46 @@ fn authenticate(emu: &Emulator, headers: &HeaderMap) -> Result<Claims, &'static 
 struct Grants<'a>(Option<&'a Claims>);
 
 impl Grants<'_> {
-    fn denied() -> TwirpError {
-        TwirpError::new("unauthenticated", "permissions denied")
-    }
-    fn room_create(&self) -> Result<(), TwirpError> {
+    /// Passes when auth is skipped or `allowed` says the token carries the grant; otherwise
+    /// the real server's answer: `unauthenticated` "permissions denied".
+    fn require(&self, allowed: impl FnOnce(&Claims) -> bool) -> Result<(), TwirpError> {
         match self.0 {
-            Some(c) if !c.video.room_create => Err(Self::denied()),
-            _ => Ok(()),
-        }
-    }
-    fn room_list(&self) -> Result<(), TwirpError> {
-        match self.0 {
-            Some(c) if !c.video.room_list => Err(Self::denied()),
-            _ => Ok(()),
-        }
-    }
-    fn room_admin(&self, room: &str) -> Result<(), TwirpError> {
-        match self.0 {
-            Some(c)
-                if !c.video.room_admin || (!c.video.room.is_empty() && c.video.room != room) =>
-            {
-                Err(Self::denied())
+            Some(claims) if !allowed(claims) => {
+                Err(TwirpError::new("unauthenticated", "permissions denied"))
             }
             _ => Ok(()),
         }
     }
+    fn room_create(&self) -> Result<(), TwirpError> {
+        self.require(|c| c.video.room_create)
+    }
+    fn room_list(&self) -> Result<(), TwirpError> {
+        self.require(|c| c.video.room_list)
+    }
+    /// `roomAdmin`, scoped to `room` when the token names one.
+    fn room_admin(&self, room: &str) -> Result<(), TwirpError> {
+        self.require(|c| c.video.room_admin && (c.video.room.is_empty() || c.video.room == room))
+    }
     fn sip_call(&self) -> Result<(), TwirpError> {
-        match self.0 {
-            Some(c) if !c.sip.call => Err(Self::denied()),
-            _ => Ok(()),
-        }
+        self.require(|c| c.sip.call)
     }
     fn sip_admin(&self) -> Result<(), TwirpError> {
-        match self.0 {
-            Some(c) if !c.sip.admin => Err(Self::denied()),
-            _ => Ok(()),
-        }
+        self.require(|c| c.sip.admin)
     }
+}
+
+fn no_room() -> TwirpError {
+    TwirpError::new(
+        "not_found",
+        "twirp error unknown: requested room does not exist",
+    )
+}
+
+fn no_participant() -> TwirpError {
+    TwirpError::new(
+        "not_found",
+        "twirp error unknown: participant does not exist",
+    )
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -418,19 +421,11 @@ async fn handle(
         .headers_mut()
         .insert("x-lk-mock-region", HeaderValue::from_static("0"));
     let status = response.status().as_u16();
-    let result = response
-        .headers()
-        .get("x-emulator-twirp-code")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .unwrap_or_else(|| {
-            if status == 200 {
-                "ok".into()
-            } else {
-                format!("http_{status}")
-            }
-        });
-    response.headers_mut().remove("x-emulator-twirp-code");
+    let result = match response.extensions().get::<TwirpCode>() {
+        Some(TwirpCode(code)) => code.clone(),
+        None if status == 200 => "ok".into(),
+        None => format!("http_{status}"),
+    };
     let duration_ms = started.elapsed().as_millis() as u64;
     emu.inner.update_record(seq, |r| {
         r.room = summary.room.take();
@@ -444,12 +439,14 @@ async fn handle(
     response
 }
 
+/// The Twirp code a response carries, for the request record.
+#[derive(Clone)]
+struct TwirpCode(String);
+
 fn twirp_response(e: TwirpError) -> Response {
-    let code = e.code.clone();
+    let code = TwirpCode(e.code.clone());
     let mut r = e.into_response();
-    if let Ok(v) = HeaderValue::from_str(&code) {
-        r.headers_mut().insert("x-emulator-twirp-code", v);
-    }
+    r.extensions_mut().insert(code);
     r
 }
 
@@ -595,10 +592,7 @@ async fn serve(
                 if emu.close_room(&r.room, proto::DisconnectReason::RoomDeleted) {
                     Ok(proto::DeleteRoomResponse {})
                 } else {
-                    Err(TwirpError::new(
-                        "not_found",
-                        "twirp error unknown: requested room does not exist",
-                    ))
+                    Err(no_room())
                 }
             });
             reply!(proto::DeleteRoomResponse, result)
@@ -608,12 +602,7 @@ async fn serve(
             summary.room = Some(r.room.clone());
             let result = grants.room_admin(&r.room).and_then(|_| {
                 let rooms = emu.inner.rooms.lock();
-                let room = rooms.get(&r.room).ok_or_else(|| {
-                    TwirpError::new(
-                        "not_found",
-                        "twirp error unknown: requested room does not exist",
-                    )
-                })?;
+                let room = rooms.get(&r.room).ok_or_else(no_room)?;
                 Ok(proto::ListParticipantsResponse {
                     participants: room.participants.clone(),
                 })
@@ -626,22 +615,12 @@ async fn serve(
             summary.identity = Some(r.identity.clone());
             let result = grants.room_admin(&r.room).and_then(|_| {
                 let rooms = emu.inner.rooms.lock();
-                let room = rooms.get(&r.room).ok_or_else(|| {
-                    TwirpError::new(
-                        "not_found",
-                        "twirp error unknown: requested room does not exist",
-                    )
-                })?;
+                let room = rooms.get(&r.room).ok_or_else(no_room)?;
                 room.participants
                     .iter()
                     .find(|p| p.identity == r.identity)
                     .cloned()
-                    .ok_or_else(|| {
-                        TwirpError::new(
-                            "not_found",
-                            "twirp error unknown: participant does not exist",
-                        )
-                    })
+                    .ok_or_else(no_participant)
             });
             reply!(proto::ParticipantInfo, result)
         }
@@ -651,17 +630,11 @@ async fn serve(
             summary.identity = Some(r.identity.clone());
             let result = grants.room_admin(&r.room).and_then(|_| {
                 if !emu.inner.rooms.lock().contains_key(&r.room) {
-                    return Err(TwirpError::new(
-                        "not_found",
-                        "twirp error unknown: requested room does not exist",
-                    ));
+                    return Err(no_room());
                 }
-                let p = emu.participant(&r.room, &r.identity).ok_or_else(|| {
-                    TwirpError::new(
-                        "not_found",
-                        "twirp error unknown: participant does not exist",
-                    )
-                })?;
+                let p = emu
+                    .participant(&r.room, &r.identity)
+                    .ok_or_else(no_participant)?;
                 if p.kind == proto::participant_info::Kind::Sip as i32 {
                     emu.set_attribute(&r.room, &p.sid, "sip.callStatus", "hangup");
                 }
@@ -701,12 +674,7 @@ async fn serve(
                     attributes: r.attributes.clone(),
                 };
                 let mut rooms = emu.inner.rooms.lock();
-                let room = rooms.get_mut(&r.room).ok_or_else(|| {
-                    TwirpError::new(
-                        "not_found",
-                        "twirp error unknown: requested room does not exist",
-                    )
-                })?;
+                let room = rooms.get_mut(&r.room).ok_or_else(no_room)?;
                 room.dispatches.push(dispatch.clone());
                 Ok(dispatch)
             });
@@ -739,12 +707,7 @@ async fn serve(
             summary.room = Some(r.room.clone());
             let result = grants.room_admin(&r.room).and_then(|_| {
                 let mut rooms = emu.inner.rooms.lock();
-                let room = rooms.get_mut(&r.room).ok_or_else(|| {
-                    TwirpError::new(
-                        "not_found",
-                        "twirp error unknown: requested room does not exist",
-                    )
-                })?;
+                let room = rooms.get_mut(&r.room).ok_or_else(no_room)?;
                 let pos = room
                     .dispatches
                     .iter()

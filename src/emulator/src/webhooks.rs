@@ -163,11 +163,16 @@ async fn deliver(emu: &Emulator, url: &str, item: Queued) {
 
 async fn deliver_marked(emu: &Emulator, url: &str, item: Queued, duplicate: bool) {
     let max_age = emu.inner.config.webhook_max_age;
-    while emu.inner.faults.lock().webhooks.paused {
-        if item.enqueued.elapsed() > max_age {
+    // While delivery is paused, wait for the faults to change (or the event to age out).
+    loop {
+        let changed = emu.inner.faults_changed.notified();
+        if !emu.inner.faults.lock().webhooks.paused {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let left = max_age.saturating_sub(item.enqueued.elapsed());
+        if left.is_zero() || tokio::time::timeout(left, changed).await.is_err() {
+            break;
+        }
     }
     let index = {
         let mut records = emu.inner.records.lock();

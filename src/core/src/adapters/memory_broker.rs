@@ -100,30 +100,12 @@ impl Inner {
         }
     }
 
-    async fn enqueue(self: &Arc<Self>, message: Message) {
+    async fn push_ready(&self, message: Message) {
         let queue = message.queue;
-        let due = message.deliver_at.filter(|at| *at > Utc::now());
-        if let Some(due) = due {
-            let inner = Arc::clone(self);
-            tokio::spawn(async move {
-                let wait = (due - Utc::now()).to_std().unwrap_or_default();
-                tokio::time::sleep(wait).await;
-                inner
-                    .state
-                    .lock()
-                    .await
-                    .queues
-                    .entry(queue)
-                    .or_default()
-                    .ready
-                    .push_back(Stored {
-                        message,
-                        redeliveries: 0,
-                    });
-                inner.wake(queue);
-            });
-            return;
-        }
+        let stored = Stored {
+            message,
+            redeliveries: 0,
+        };
         self.state
             .lock()
             .await
@@ -131,11 +113,21 @@ impl Inner {
             .entry(queue)
             .or_default()
             .ready
-            .push_back(Stored {
-                message,
-                redeliveries: 0,
-            });
+            .push_back(stored);
         self.wake(queue);
+    }
+
+    async fn enqueue(self: &Arc<Self>, message: Message) {
+        match message.deliver_at.filter(|at| *at > Utc::now()) {
+            Some(due) => {
+                let inner = Arc::clone(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep((due - Utc::now()).to_std().unwrap_or_default()).await;
+                    inner.push_ready(message).await;
+                });
+            }
+            None => self.push_ready(message).await,
+        }
     }
 }
 
@@ -161,37 +153,32 @@ struct MemoryAcker {
     _permit: OwnedSemaphorePermit,
 }
 
+impl MemoryAcker {
+    /// Removes this delivery from the unacked set; an error if it was already answered or
+    /// handed back (as RabbitMQ refuses an unknown delivery tag).
+    fn take_unacked(&self, state: &mut State) -> Result<Stored, BrokerError> {
+        let unacked = &mut state.queues.entry(self.queue).or_default().unacked;
+        unacked
+            .remove(&self.tag)
+            .map(|(stored, _)| stored)
+            .ok_or_else(|| {
+                BrokerError::Protocol(
+                    "unknown delivery tag (already answered or handed back)".into(),
+                )
+            })
+    }
+}
+
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
         let mut state = self.inner.state.lock().await;
-        match state
-            .queues
-            .entry(self.queue)
-            .or_default()
-            .unacked
-            .remove(&self.tag)
-        {
-            Some(_) => Ok(()),
-            None => Err(BrokerError::Protocol(
-                "unknown delivery tag (already answered or handed back)".into(),
-            )),
-        }
+        self.take_unacked(&mut state).map(drop)
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {
         let mut state = self.inner.state.lock().await;
-        let Some((stored, _)) = state
-            .queues
-            .entry(self.queue)
-            .or_default()
-            .unacked
-            .remove(&self.tag)
-        else {
-            return Err(BrokerError::Protocol(
-                "unknown delivery tag (already answered or handed back)".into(),
-            ));
-        };
+        let stored = self.take_unacked(&mut state)?;
         self.inner.hand_back_locked(&mut state, self.queue, stored);
         drop(state);
         self.inner.wake(self.queue);

@@ -37,6 +37,17 @@ impl MemoryStore {
 }
 
 impl State {
+    /// Sets `key` unless it is live; returns the live value if it was.
+    fn claim(&mut self, key: &str, value: &str, ttl: Duration) -> Option<String> {
+        let now = Instant::now();
+        if let Some(existing) = self.live_key(key, now) {
+            return Some(existing.clone());
+        }
+        self.keys
+            .insert(key.to_owned(), (value.to_owned(), now + ttl));
+        None
+    }
+
     fn live_key(&mut self, key: &str, now: Instant) -> Option<&String> {
         if self.keys.get(key).is_some_and(|(_, exp)| *exp <= now) {
             self.keys.remove(key);
@@ -45,7 +56,7 @@ impl State {
     }
 }
 
-fn encode_cursor(score: i64, id: &str) -> String {
+pub(crate) fn encode_cursor(score: i64, id: &str) -> String {
     format!("{score}:{id}")
 }
 
@@ -126,39 +137,51 @@ impl Store for MemoryStore {
         value: &str,
         ttl: Duration,
     ) -> Result<Option<String>, StoreError> {
-        let mut s = self.state.lock().await;
-        let now = Instant::now();
-        if let Some(existing) = s.live_key(key, now) {
-            return Ok(Some(existing.clone()));
-        }
-        s.keys.insert(key.to_owned(), (value.to_owned(), now + ttl));
-        Ok(None)
+        // Each kind of key has its own namespace, as in Redis, so an idempotency key can
+        // never collide with a lock or a dedupe mark.
+        Ok(self
+            .state
+            .lock()
+            .await
+            .claim(&format!("key:{key}"), value, ttl))
     }
 
     async fn get_key(&self, key: &str) -> Result<Option<String>, StoreError> {
         let mut s = self.state.lock().await;
-        Ok(s.live_key(key, Instant::now()).cloned())
+        Ok(s.live_key(&format!("key:{key}"), Instant::now()).cloned())
     }
 
     async fn delete_key(&self, key: &str) -> Result<(), StoreError> {
-        self.state.lock().await.keys.remove(key);
+        self.state.lock().await.keys.remove(&format!("key:{key}"));
         Ok(())
     }
 
     async fn first_seen(&self, event_id: &str, ttl: Duration) -> Result<bool, StoreError> {
         Ok(self
-            .claim_key(&format!("seen:{event_id}"), "1", ttl)
-            .await?
+            .state
+            .lock()
+            .await
+            .claim(&format!("seen:{event_id}"), "1", ttl)
             .is_none())
     }
 
     async fn forget_seen(&self, event_id: &str) -> Result<(), StoreError> {
-        self.delete_key(&format!("seen:{event_id}")).await
+        self.state
+            .lock()
+            .await
+            .keys
+            .remove(&format!("seen:{event_id}"));
+        Ok(())
     }
 
     async fn try_lock(&self, name: &str, ttl: Duration) -> Result<Option<LockToken>, StoreError> {
         let token = uuid::Uuid::new_v4().to_string();
-        match self.claim_key(&format!("lock:{name}"), &token, ttl).await? {
+        match self
+            .state
+            .lock()
+            .await
+            .claim(&format!("lock:{name}"), &token, ttl)
+        {
             None => Ok(Some(LockToken(token))),
             Some(_) => Ok(None),
         }

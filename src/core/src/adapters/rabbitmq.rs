@@ -578,10 +578,7 @@ impl Inner {
         F: FnOnce(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, BrokerError>>,
     {
-        let connection = match self.connection().await {
-            Ok(c) => c,
-            Err(e) => return Err(e),
-        };
+        let connection = self.connection().await?;
         let channel = connection.create_channel().await.map_err(unavailable)?;
         let result = f(channel.clone()).await;
         let _ = channel.close(200, s("done")).await;

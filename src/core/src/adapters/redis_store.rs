@@ -9,7 +9,7 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::memory_store::decode_cursor;
+use super::memory_store::{decode_cursor, encode_cursor};
 use crate::ports::store::{
     CasOutcome, IndexPage, LockToken, RateDecision, Store, StoreError, Versioned,
 };
@@ -235,7 +235,7 @@ impl Store for RedisStore {
             if ids.len() == limit {
                 return Ok(IndexPage { ids, next: last });
             }
-            last = Some(format!("{score}:{id}"));
+            last = Some(encode_cursor(score, &id));
             ids.push(id);
         }
         Ok(IndexPage { ids, next: None })
