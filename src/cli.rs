@@ -6,15 +6,20 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use callfleet_core::adapters::{Backends, LiveKitApi};
+use callfleet_core::calls::{CallBook, SystemClock};
 use callfleet_core::config::{
     parse_key_pairs, BackendConfig, BrokerKind, IngressConfig, LiveKitConfig, LogConfig, StoreKind,
     WorkerConfig,
 };
+use callfleet_core::domain::phone::parse_region;
+use callfleet_core::domain::request::CallDefaults;
 use callfleet_core::lifecycle::{cancel_on_signal, health_router, Readiness};
 use callfleet_core::ports::WorkQueue;
 use callfleet_core::telemetry;
 use callfleet_ingress::IngressState;
-use callfleet_workers::WorkerRuntime;
+use callfleet_workers::{
+    CallDeps, OutboundCallHandler, OutboundSettings, WebhookEventHandler, WorkerRuntime,
+};
 use clap::{Parser, Subcommand};
 use livekit_emulator::{Emulator, EmulatorConfig};
 use secrecy::ExposeSecret;
@@ -150,16 +155,33 @@ async fn serve(
 fn worker_runtime(
     backends: &Backends,
     worker: &WorkerConfig,
-    _livekit: Arc<LiveKitApi>,
+    livekit: Arc<LiveKitApi>,
 ) -> WorkerRuntime {
-    // Job handlers register here as they land (outbound calls, webhook events, control).
+    let deps = CallDeps {
+        calls: CallBook::new(Arc::clone(&backends.store)),
+        broker: Arc::clone(&backends.broker),
+        livekit,
+        clock: Arc::new(SystemClock),
+        settings: OutboundSettings {
+            default_agent: worker.default_agent.clone(),
+            trunk_max_concurrent: worker.trunk_max_concurrent,
+            trunk_cps: worker.trunk_cps,
+            lease_ttl: Duration::from_secs(worker.lease_ttl_s),
+            ..OutboundSettings::default()
+        },
+    };
     WorkerRuntime::new(
         Arc::clone(&backends.broker),
         worker.prefetch,
         worker.concurrency,
         worker.max_job_attempts,
     )
+    .with_handler(Arc::new(OutboundCallHandler::new(deps.clone())))
+    .with_handler(Arc::new(WebhookEventHandler::new(deps)))
 }
+
+/// The trunk dev mode dials through when none is configured (the emulator takes any).
+const DEV_TRUNK: &str = "ST_callfleet_dev";
 
 pub async fn run(cli: Cli) -> Result<()> {
     telemetry::init_tracing(cli.log.log_format, &cli.log.log);
@@ -235,7 +257,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             )
             .await?;
             cancel_on_signal(stop.clone());
-            let server = start_ingress(&backends, &ingress, stop.clone()).await?;
+            let server = start_ingress(&backends, &ingress, &livekit, stop.clone()).await?;
             tracing::info!(addr = %ingress.http_addr, "ingress listening");
             let _ = server.await;
             Ok(())
@@ -275,7 +297,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Dev {
             backend,
-            livekit,
+            mut livekit,
             mut ingress,
             worker,
             emulator_addr,
@@ -295,6 +317,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             let backends = connect(&backend, broker_kind, store_kind).await?;
             cancel_on_signal(stop.clone());
 
+            if livekit.livekit_url.is_none() && livekit.livekit_sip_trunk_id.is_none() {
+                livekit.livekit_sip_trunk_id = Some(DEV_TRUNK.to_owned());
+            }
             let (livekit_url, emulator) = match &livekit.livekit_url {
                 Some(url) => (url.clone(), None),
                 None => {
@@ -316,7 +341,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
             };
             let api = livekit_client(&livekit_url, &livekit);
-            let server = start_ingress(&backends, &ingress, stop.clone()).await?;
+            let server = start_ingress(&backends, &ingress, &livekit, stop.clone()).await?;
             let runtime = worker_runtime(&backends, &worker, api);
             let worker_stop = stop.clone();
             let deadline = worker.shutdown_deadline();
@@ -342,13 +367,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             println!();
             println!("Try it:");
+            let key = generated_key.as_deref().unwrap_or("$CALLFLEET_API_KEY");
             println!("  curl -s {base}/readyz");
-            if let Some(e) = &emulator {
-                println!(
-                    "  curl -s -X POST {}/emulator/v1/inbound -H 'content-type: application/json' -d '{{\"from\":\"+15105550123\",\"to\":\"+15105550100\",\"hangup_after_ms\":3000}}'",
-                    e.url()
-                );
-            }
+            println!(
+                "  curl -s -X POST {base}/v1/calls -H 'authorization: Bearer {key}' -H 'content-type: application/json' -d '{{\"to\":\"+15105550123\",\"agent_name\":\"reminder-agent\",\"context\":{{\"customerName\":\"Ada\",\"amountDue\":\"42.00\"}}}}'"
+            );
+            println!("  curl -s {base}/v1/calls -H 'authorization: Bearer {key}'   # then GET /v1/calls/<id>");
             println!("Press Ctrl-C to stop.");
 
             let _ = server.await;
@@ -369,11 +393,22 @@ pub async fn run(cli: Cli) -> Result<()> {
 async fn start_ingress(
     backends: &Backends,
     ingress: &IngressConfig,
+    livekit: &LiveKitConfig,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let state = IngressState {
         readiness: readiness(backends),
         max_body_bytes: ingress.max_body_bytes,
+        broker: Arc::clone(&backends.broker),
+        calls: CallBook::new(Arc::clone(&backends.store)),
+        api_keys: Arc::new(ingress.api_keys().into_iter().map(Into::into).collect()),
+        webhook_keys: Arc::new(livekit.webhook_keys()?),
+        defaults: CallDefaults {
+            region: Some(parse_region(&ingress.default_region)?),
+            trunk_id: livekit.livekit_sip_trunk_id.clone(),
+            agent_name: None,
+        },
+        clock: Arc::new(SystemClock),
     };
     serve(
         ingress.http_addr,

@@ -177,10 +177,7 @@ async fn livekit_adapter_classifies_failures_from_the_wire() {
             let emulator = emulator.clone();
             async move {
                 let listed = emulator.requests_of("ListParticipants");
-                listed
-                    .iter()
-                    .any(|r| r.result == "client_gone")
-                    .then_some(listed)
+                listed.iter().any(|r| r.client_gone).then_some(listed)
             }
         },
     )

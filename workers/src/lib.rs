@@ -1,6 +1,12 @@
 //! callfleet's workers: a bounded, draining consumer runtime over the broker port, and the
-//! job handlers that run on it.
+//! job handlers that run on it (outbound call jobs, LiveKit webhook events).
 
+pub mod calls;
+pub mod events;
+pub mod outbound;
 pub mod runtime;
 
+pub use calls::{CallDeps, OutboundSettings};
+pub use events::WebhookEventHandler;
+pub use outbound::OutboundCallHandler;
 pub use runtime::{Handler, HandlerOutcome, WorkerRuntime};

@@ -27,6 +27,9 @@ pub enum HandlerOutcome {
     RetryAfter { after: Duration, reason: String },
     /// Cannot succeed: park in the dead-letter queue with the reason.
     DeadLetter { reason: String },
+    /// Not a failure, just not now (a limit is full, the job's time has not come): publish
+    /// again after `after` without counting an attempt.
+    Defer { after: Duration, reason: String },
 }
 
 #[async_trait]
@@ -35,6 +38,9 @@ pub trait Handler: Send + Sync + 'static {
     fn queue(&self) -> WorkQueue;
     /// Handles one message. Must be idempotent: a message can arrive more than once.
     async fn handle(&self, message: &Message, redeliveries: u32) -> HandlerOutcome;
+    /// Told after a message was parked in the dead-letter queue, so the handler can record
+    /// it where users look (the call's timeline) and free what the job held.
+    async fn dead_lettered(&self, _message: &Message, _reason: &str) {}
 }
 
 /// Header counting broker-delayed retries of one job.
@@ -197,6 +203,7 @@ async fn run_one(
         HandlerOutcome::Done => "done",
         HandlerOutcome::RetryAfter { .. } => "retry",
         HandlerOutcome::DeadLetter { .. } => "dead_letter",
+        HandlerOutcome::Defer { .. } => "deferred",
     };
     metrics::counter!(m::JOBS_PROCESSED, "queue" => queue.as_str(), "outcome" => label)
         .increment(1);
@@ -223,11 +230,12 @@ async fn run_one(
             next.headers.insert(headers::ATTEMPTS.into(), history);
             if retries + 1 >= max_retries {
                 metrics::counter!(m::DEAD_LETTERS, "queue" => queue.as_str(), "reason" => "retries_exhausted").increment(1);
-                match broker
-                    .dead_letter(next, &format!("retries exhausted: {reason}"))
-                    .await
-                {
-                    Ok(()) => delivery.ack().await,
+                let reason = format!("retries exhausted: {reason}");
+                match broker.dead_letter(next, &reason).await {
+                    Ok(()) => {
+                        handler.dead_lettered(&delivery.message, &reason).await;
+                        delivery.ack().await
+                    }
                     Err(e) => Err(e),
                 }
             } else {
@@ -244,7 +252,22 @@ async fn run_one(
             }
         }
         HandlerOutcome::DeadLetter { reason } => {
+            metrics::counter!(m::DEAD_LETTERS, "queue" => queue.as_str(), "reason" => "handler")
+                .increment(1);
             match broker.dead_letter(delivery.message.clone(), &reason).await {
+                Ok(()) => {
+                    handler.dead_lettered(&delivery.message, &reason).await;
+                    delivery.ack().await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        HandlerOutcome::Defer { after, reason } => {
+            tracing::debug!(queue = queue.as_str(), reason = %reason, ?after, "deferred");
+            let mut next = delivery.message.clone();
+            next.deliver_at =
+                Some(chrono::Utc::now() + chrono::Duration::from_std(after).unwrap_or_default());
+            match broker.publish(next).await {
                 Ok(()) => delivery.ack().await,
                 Err(e) => Err(e),
             }

@@ -21,6 +21,8 @@ pub mod metrics {
     pub const WEBHOOKS: &str = "callfleet_webhooks_total";
     pub const DISPATCHES: &str = "callfleet_dispatches_total";
     pub const CALLS_FINISHED: &str = "callfleet_calls_finished_total";
+    pub const CALL_ATTEMPTS: &str = "callfleet_call_attempts_total";
+    pub const DIALS: &str = "callfleet_dials_total";
     pub const CALL_SETUP_SECONDS: &str = "callfleet_call_setup_seconds";
     pub const ACTIVE_CALLS: &str = "callfleet_active_calls";
     pub const ROUTING_DECISIONS: &str = "callfleet_routing_decisions_total";

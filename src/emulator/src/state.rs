@@ -32,6 +32,8 @@ pub struct ApiRecord {
     pub status: u16,
     /// Twirp error code when it failed, `ok` otherwise.
     pub result: String,
+    /// The client hung up before the answer (timeout, crash); the request still ran.
+    pub client_gone: bool,
     pub duration_ms: u64,
 }
 

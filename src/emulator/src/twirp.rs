@@ -380,7 +380,7 @@ impl Drop for InFlight {
         if !self.done {
             self.emu
                 .inner
-                .update_record(self.seq, |r| r.result = "client_gone".into());
+                .update_record(self.seq, |r| r.client_gone = true);
         }
     }
 }
@@ -391,7 +391,6 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let started = Instant::now();
     let service = service_method
         .strip_prefix("livekit.")
         .unwrap_or(&service_method)
@@ -408,6 +407,7 @@ async fn handle(
         fields: HashMap::new(),
         status: 0,
         result: "in_flight".into(),
+        client_gone: false,
         duration_ms: 0,
     });
     let mut guard = InFlight {
@@ -415,6 +415,26 @@ async fn handle(
         seq,
         done: false,
     };
+    // As on a real server, a request that arrived is carried out even if its client hangs
+    // up (a worker killed mid-call): the work runs in its own task.
+    let work = tokio::spawn(process(emu, service, method, headers, body, seq));
+    let response = match work.await {
+        Ok(r) => r,
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    guard.done = true;
+    response
+}
+
+async fn process(
+    emu: Emulator,
+    service: String,
+    method: String,
+    headers: HeaderMap,
+    body: Bytes,
+    seq: u64,
+) -> Response {
+    let started = Instant::now();
     let mut summary = Summary::default();
     let mut response = serve(&emu, &service, &method, &headers, &body, &mut summary).await;
     response
@@ -435,7 +455,6 @@ async fn handle(
         r.result = result.clone();
         r.duration_ms = duration_ms;
     });
-    guard.done = true;
     response
 }
 

@@ -52,24 +52,43 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
-        if let ApiError::Internal(detail) = &self {
-            tracing::error!(detail = %detail, "internal error");
-        }
-        let field = match &self {
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        self.status_and_code().0
+    }
+
+    fn body(&self) -> Body<'_> {
+        let field = match self {
             ApiError::Invalid { field, .. } => Some(field.as_str()),
             _ => None,
         };
-        let body = Body {
+        Body {
             error: ErrorBody {
-                code,
+                code: self.status_and_code().1,
                 message: self.to_string(),
                 field,
             },
-        };
-        let mut response = (status, Json(body)).into_response();
+        }
+    }
+
+    /// The error as the JSON every response uses (batch items embed it).
+    pub fn body_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.body()).unwrap_or_default()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(detail = %detail, "internal error");
+        }
+        let mut response = (status, Json(self.body())).into_response();
+        if let ApiError::Unauthorized = &self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let ApiError::Unavailable { retry_after_s } = &self {
             if let Ok(v) = HeaderValue::from_str(&retry_after_s.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);

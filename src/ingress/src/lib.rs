@@ -1,17 +1,30 @@
-//! callfleet's HTTP ingress: health, readiness and metrics today; the call API and the
-//! LiveKit webhook endpoint build on [`app`] and [`error::ApiError`].
+//! callfleet's HTTP ingress: the call API, the LiveKit webhook endpoint, health, readiness
+//! and metrics. It verifies, validates, enqueues with publisher confirms and answers fast;
+//! it never calls LiveKit.
 
+pub mod calls;
 pub mod error;
+pub mod webhook;
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
+use axum::routing::{get, post};
 use axum::Router;
+use callfleet_core::calls::{CallBook, Clock};
+use callfleet_core::domain::request::CallDefaults;
 use callfleet_core::lifecycle::{health_router, Readiness};
+use callfleet_core::ports::Broker;
 use callfleet_core::telemetry::metrics as m;
-use tower_http::limit::RequestBodyLimitLayer;
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+use subtle::ConstantTimeEq;
 
 pub use error::ApiError;
 
@@ -20,14 +33,96 @@ pub use error::ApiError;
 pub struct IngressState {
     pub readiness: Readiness,
     pub max_body_bytes: usize,
+    pub broker: Arc<dyn Broker>,
+    pub calls: CallBook,
+    /// Bearer keys accepted by the call API.
+    pub api_keys: Arc<Vec<SecretString>>,
+    /// LiveKit API keys and secrets that may sign webhooks.
+    pub webhook_keys: Arc<Vec<(String, SecretString)>>,
+    pub defaults: CallDefaults,
+    pub clock: Arc<dyn Clock>,
 }
 
 /// The ingress app: routes, body limit (413 beyond it) and request metrics by route.
 pub fn app(state: IngressState) -> Router {
+    let api = Router::new()
+        .route("/v1/calls", post(calls::create_call).get(calls::list_calls))
+        .route("/v1/calls/batch", post(calls::create_batch))
+        .route("/v1/calls/{id}", get(calls::get_call))
+        .route("/v1/calls/{id}/cancel", post(calls::cancel_call))
+        .route("/v1/livekit/webhook", post(webhook::receive))
+        .with_state(state.clone());
     health_router(state.readiness.clone())
+        .merge(api)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(RequestBodyLimitLayer::new(state.max_body_bytes))
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .layer(middleware::from_fn(track_requests))
+}
+
+/// Checks `Authorization: Bearer <key>` against every configured key in constant time.
+pub(crate) fn authorize(state: &IngressState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized)?;
+    let mut ok = subtle::Choice::from(0u8);
+    for key in state.api_keys.iter() {
+        ok |= key.expose_secret().as_bytes().ct_eq(presented.as_bytes());
+    }
+    if bool::from(ok) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// The raw body, with an oversized one answered 413 in the shared error shape.
+pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge
+        } else {
+            ApiError::Invalid {
+                field: "body".into(),
+                message: e.body_text(),
+            }
+        }
+    })
+}
+
+/// Turns a serde error at `path` into a 422 naming the field (unknown fields by their own
+/// name).
+fn field_error(path: String, error: &(impl std::fmt::Display + ?Sized)) -> ApiError {
+    let message = error.to_string();
+    let message = message
+        .split(" at line ")
+        .next()
+        .unwrap_or(&message)
+        .to_owned();
+    let unknown = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next());
+    let field = match (unknown, path.as_str()) {
+        (Some(name), "." | "") => name.to_owned(),
+        (Some(name), parent) => format!("{parent}.{name}"),
+        (None, "." | "") => "body".to_owned(),
+        (None, p) => p.to_owned(),
+    };
+    ApiError::Invalid { field, message }
+}
+
+/// Parses a JSON body, naming the offending field on failure.
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| field_error(e.path().to_string(), e.inner()))
+}
+
+/// Like [`parse_json`], for an item already parsed as JSON (batch items).
+pub(crate) fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| field_error(e.path().to_string(), e.inner()))
 }
 
 /// Counts requests and their latency by matched route (never the raw path: bounded labels).

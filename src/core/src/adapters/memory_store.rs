@@ -11,7 +11,8 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::ports::store::{
-    CasOutcome, IndexPage, LockToken, RateDecision, Store, StoreError, Versioned,
+    index_cursor, parse_index_cursor, CasOutcome, IndexPage, LockToken, RateDecision, Store,
+    StoreError, Versioned,
 };
 
 #[derive(Clone, Default)]
@@ -54,16 +55,6 @@ impl State {
         }
         self.keys.get(key).map(|(v, _)| v)
     }
-}
-
-pub(crate) fn encode_cursor(score: i64, id: &str) -> String {
-    format!("{score}:{id}")
-}
-
-/// Cursor format shared with the Redis adapter: `<score>:<id>`.
-pub(crate) fn decode_cursor(cursor: &str) -> Option<(i64, String)> {
-    let (score, id) = cursor.split_once(':')?;
-    Some((score.parse().ok()?, id.to_owned()))
 }
 
 #[async_trait]
@@ -113,7 +104,7 @@ impl Store for MemoryStore {
         limit: usize,
     ) -> Result<IndexPage, StoreError> {
         let s = self.state.lock().await;
-        let upper = cursor.and_then(decode_cursor);
+        let upper = cursor.and_then(parse_index_cursor);
         let mut ids = Vec::new();
         let mut last = None;
         for ((score, id), _) in s.index.iter().rev() {
@@ -126,7 +117,7 @@ impl Store for MemoryStore {
                 return Ok(IndexPage { ids, next: last });
             }
             ids.push(id.clone());
-            last = Some(encode_cursor(*score, id));
+            last = Some(index_cursor(*score, id));
         }
         Ok(IndexPage { ids, next: None })
     }

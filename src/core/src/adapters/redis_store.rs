@@ -9,7 +9,7 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::memory_store::{decode_cursor, encode_cursor};
+use crate::ports::store::{index_cursor, parse_index_cursor};
 use crate::ports::store::{
     CasOutcome, IndexPage, LockToken, RateDecision, Store, StoreError, Versioned,
 };
@@ -208,7 +208,7 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         // Exclusive upper bound on the score; ids with the same score as the cursor are
         // resolved by id below, so fetch a little extra.
-        let (max, after) = match cursor.and_then(decode_cursor) {
+        let (max, after) = match cursor.and_then(parse_index_cursor) {
             Some((score, id)) => (score.to_string(), Some((score, id))),
             None => ("+inf".to_owned(), None),
         };
@@ -235,7 +235,7 @@ impl Store for RedisStore {
             if ids.len() == limit {
                 return Ok(IndexPage { ids, next: last });
             }
-            last = Some(encode_cursor(score, &id));
+            last = Some(index_cursor(score, &id));
             ids.push(id);
         }
         Ok(IndexPage { ids, next: None })

@@ -138,6 +138,10 @@ pub struct AttemptSteps {
     pub dial_started_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub participant_sid: Option<String>,
+    /// The room instance this attempt dialed into, so a late `room_finished` of an earlier
+    /// instance of the same room name cannot end this attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room_sid: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,10 +160,31 @@ pub struct Attempt {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sip_call_id: Option<String>,
     pub started_at: DateTime<Utc>,
+    /// The callee picked up (known from `wait_until_answered`, or from `sip.callStatus`
+    /// `active`/`hangup` in a webhook even when the exact moment is unknown).
+    #[serde(default)]
+    pub answered: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answered_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joined_at: Option<DateTime<Utc>>,
+    /// When a webhook reported the participant gone (evidence for reconciling a dial
+    /// whose own result was lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<DateTime<Utc>>,
+}
+
+impl Attempt {
+    /// The dial request may have reached LiveKit (it was sent, or its result is recorded).
+    pub fn dial_started(&self) -> bool {
+        self.steps.dial_started_at.is_some() || self.steps.participant_sid.is_some()
+    }
+
+    pub fn is_over(&self) -> bool {
+        self.ended_at.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,7 +205,9 @@ pub struct Call {
     pub from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trunk_id: Option<String>,
-    pub agent_name: String,
+    /// The agent to dispatch; `None` means the worker's configured default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_name: Option<String>,
     #[serde(default)]
     pub context: Value,
     #[serde(default)]
@@ -193,6 +220,9 @@ pub struct Call {
     pub retry: RetryPolicy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<DateTime<Utc>>,
+    /// When a deferred call is due (not_before, call window or retry delay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_for: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call_window: Option<CallWindow>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -282,9 +312,13 @@ impl Call {
             disconnect_reason: None,
             sip_call_id: None,
             started_at: at,
+            answered: false,
             answered_at: None,
+            joined_at: None,
+            left_at: None,
             ended_at: None,
         });
+        self.scheduled_for = None;
         self.status = CallStatus::Queued;
         self.note(at, "attempt_started", Some(format!("attempt {number}")));
         let last = self.attempts.len() - 1;
@@ -306,6 +340,157 @@ impl Call {
     }
 }
 
+/// How a dial attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptEnd {
+    /// The callee answered and the call has now ended.
+    Completed,
+    /// The dial did not connect; the SIP outcome says why.
+    Unanswered(SipOutcome),
+    /// The attempt could not be made (permanent API error, unknown state after a crash).
+    Error(String),
+}
+
+/// What the details of an ended attempt were.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EndDetails {
+    pub sip_status_code: Option<u16>,
+    pub disconnect_reason: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// What follows an ended attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterAttempt {
+    /// Dial again (attempt `attempt`) at `at`.
+    Retry { attempt: u32, at: DateTime<Utc> },
+    /// The call is over with this status.
+    Final(CallStatus),
+}
+
+/// Why a call cannot be canceled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CancelRefused {
+    #[error("the call has already been dialed")]
+    AlreadyDialed,
+    #[error("the call has already ended")]
+    AlreadyEnded,
+}
+
+impl Call {
+    /// The earliest instant at or after `earliest` when this call may be dialed: after
+    /// `not_before` and inside the call window. An invalid window (impossible after
+    /// validation) is treated as always open rather than blocking the call forever.
+    pub fn next_dial_time(&self, earliest: DateTime<Utc>) -> DateTime<Utc> {
+        let mut at = earliest;
+        if let Some(nb) = self.not_before {
+            at = at.max(nb);
+        }
+        if let Some(window) = self.call_window.as_ref().and_then(|w| w.parse().ok()) {
+            at = window.next_open(at);
+        }
+        at
+    }
+
+    /// `Some(due)` when the call must not be dialed yet at `now`.
+    pub fn deferred_until(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let earliest = self.scheduled_for.map_or(now, |s| s.max(now));
+        let due = self.next_dial_time(earliest);
+        (due > now).then_some(due)
+    }
+
+    /// Whether the call may still be canceled: nothing is ringing and nothing ended it.
+    pub fn cancelable(&self) -> Result<(), CancelRefused> {
+        if self.status.is_terminal() {
+            return Err(CancelRefused::AlreadyEnded);
+        }
+        match self.current_attempt() {
+            Some(a) if a.dial_started() && !a.is_over() => Err(CancelRefused::AlreadyDialed),
+            _ => Ok(()),
+        }
+    }
+
+    /// Cancels the call if [`Call::cancelable`].
+    pub fn cancel(&mut self, at: DateTime<Utc>) -> Result<(), CancelRefused> {
+        self.cancelable()?;
+        self.end_reason = Some("canceled".into());
+        self.advance(CallStatus::Canceled, at);
+        Ok(())
+    }
+
+    /// Records how the current attempt ended and decides what follows: another attempt
+    /// (per the retry policy and call window) or a final status. `None` when the attempt
+    /// had already ended (a repeated or late report changes nothing).
+    pub fn end_attempt(
+        &mut self,
+        end: AttemptEnd,
+        details: EndDetails,
+        at: DateTime<Utc>,
+    ) -> Option<AfterAttempt> {
+        if self.status.is_terminal() {
+            return None;
+        }
+        let attempt = self.attempts.last_mut()?;
+        if attempt.is_over() {
+            return None;
+        }
+        attempt.ended_at = Some(at);
+        attempt.sip_status_code = details.sip_status_code.or(attempt.sip_status_code);
+        if details.disconnect_reason.is_some() {
+            attempt.disconnect_reason = details.disconnect_reason.clone();
+        }
+        let number = attempt.number;
+        let answered_from = attempt.answered_at.or(attempt.joined_at);
+        let outcome = match &end {
+            AttemptEnd::Completed => "completed".to_owned(),
+            AttemptEnd::Unanswered(o) => o.as_str().to_owned(),
+            AttemptEnd::Error(_) => "error".to_owned(),
+        };
+        attempt.outcome = Some(outcome.clone());
+        let detail = details
+            .reason
+            .clone()
+            .or_else(|| details.disconnect_reason.clone())
+            .or_else(|| details.sip_status_code.map(|c| format!("SIP {c}")));
+        self.note(at, format!("attempt_{outcome}"), detail);
+        let after = match end {
+            AttemptEnd::Completed => {
+                self.duration_s =
+                    answered_from.map(|from| (at - from).num_milliseconds().max(0) as f64 / 1e3);
+                self.end_reason = details.disconnect_reason.or(details.reason);
+                AfterAttempt::Final(CallStatus::Completed)
+            }
+            AttemptEnd::Unanswered(outcome) if self.should_retry(outcome) => {
+                let earliest = at + chrono::Duration::seconds(self.retry.retry_delay_s as i64);
+                let due = self.next_dial_time(earliest);
+                self.status = CallStatus::Scheduled;
+                self.scheduled_for = Some(due);
+                self.note(
+                    at,
+                    "retry_scheduled",
+                    Some(format!("attempt {} at {}", number + 1, due.to_rfc3339())),
+                );
+                return Some(AfterAttempt::Retry {
+                    attempt: number + 1,
+                    at: due,
+                });
+            }
+            AttemptEnd::Unanswered(outcome) => {
+                self.end_reason = Some(outcome.as_str().to_owned());
+                AfterAttempt::Final(CallStatus::from_outcome(outcome))
+            }
+            AttemptEnd::Error(reason) => {
+                self.end_reason = Some(reason);
+                AfterAttempt::Final(CallStatus::Failed)
+            }
+        };
+        if let AfterAttempt::Final(status) = after {
+            self.advance(status, at);
+        }
+        Some(after)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,13 +506,14 @@ mod tests {
             to: "+15105550123".into(),
             from: None,
             trunk_id: None,
-            agent_name: "agent".into(),
+            agent_name: Some("agent".into()),
             context: Value::Null,
             tags: vec![],
             dispatch_id: None,
             idempotency_key: None,
             retry: RetryPolicy::default(),
             not_before: None,
+            scheduled_for: None,
             call_window: None,
             ringing_timeout_s: None,
             max_duration_s: None,
@@ -403,5 +589,112 @@ mod tests {
             CallStatus::from_outcome(SipOutcome::Unavailable),
             CallStatus::NoAnswer
         );
+    }
+
+    fn dialed(call: &mut Call, at: DateTime<Utc>) {
+        let attempt = call.begin_attempt(at);
+        attempt.steps.dial_started_at = Some(at);
+        call.advance(CallStatus::Dialing, at);
+    }
+
+    #[test]
+    fn busy_is_retried_inside_the_window_then_final() {
+        let mut call = sample(Direction::Outbound);
+        call.retry.max_attempts = 2;
+        call.retry.retry_delay_s = 60;
+        call.call_window = Some(CallWindow {
+            timezone: "UTC".into(),
+            start: "09:00".into(),
+            end: "17:00".into(),
+            days: None,
+        });
+        let at: DateTime<Utc> = "2026-11-20T16:59:30Z".parse().expect("time");
+        dialed(&mut call, at);
+        let after = call.end_attempt(
+            AttemptEnd::Unanswered(SipOutcome::Busy),
+            EndDetails {
+                sip_status_code: Some(486),
+                ..Default::default()
+            },
+            at,
+        );
+        let next_morning: DateTime<Utc> = "2026-11-21T09:00:00Z".parse().expect("time");
+        assert_eq!(
+            after,
+            Some(AfterAttempt::Retry {
+                attempt: 2,
+                at: next_morning
+            })
+        );
+        assert_eq!(call.status, CallStatus::Scheduled);
+        assert_eq!(call.deferred_until(at), Some(next_morning));
+        assert!(
+            call.cancelable().is_ok(),
+            "a scheduled retry can be canceled"
+        );
+        // A repeated report of the same end changes nothing.
+        assert_eq!(
+            call.end_attempt(AttemptEnd::Completed, EndDetails::default(), at),
+            None
+        );
+        dialed(&mut call, next_morning);
+        assert_eq!(call.cancelable(), Err(CancelRefused::AlreadyDialed));
+        let after = call.end_attempt(
+            AttemptEnd::Unanswered(SipOutcome::Busy),
+            EndDetails::default(),
+            next_morning,
+        );
+        assert_eq!(after, Some(AfterAttempt::Final(CallStatus::Busy)));
+        assert_eq!(call.cancelable(), Err(CancelRefused::AlreadyEnded));
+    }
+
+    #[test]
+    fn completed_calls_carry_their_duration() {
+        let mut call = sample(Direction::Outbound);
+        let t0: DateTime<Utc> = "2026-11-20T12:00:00Z".parse().expect("time");
+        dialed(&mut call, t0);
+        if let Some(a) = call.current_attempt_mut() {
+            a.answered_at = Some(t0 + chrono::Duration::seconds(5));
+        }
+        let after = call.end_attempt(
+            AttemptEnd::Completed,
+            EndDetails {
+                disconnect_reason: Some("CLIENT_INITIATED".into()),
+                ..Default::default()
+            },
+            t0 + chrono::Duration::milliseconds(65_500),
+        );
+        assert_eq!(after, Some(AfterAttempt::Final(CallStatus::Completed)));
+        assert_eq!(call.duration_s, Some(60.5));
+        assert_eq!(call.end_reason.as_deref(), Some("CLIENT_INITIATED"));
+    }
+
+    #[test]
+    fn declined_is_final_even_with_attempts_left() {
+        let mut call = sample(Direction::Outbound);
+        call.retry.max_attempts = 5;
+        let now = Utc::now();
+        dialed(&mut call, now);
+        let after = call.end_attempt(
+            AttemptEnd::Unanswered(SipOutcome::Declined),
+            EndDetails::default(),
+            now,
+        );
+        assert_eq!(after, Some(AfterAttempt::Final(CallStatus::Failed)));
+        assert_eq!(call.end_reason.as_deref(), Some("declined"));
+    }
+
+    #[test]
+    fn not_before_defers_and_cancel_before_dial_works() {
+        let mut call = sample(Direction::Outbound);
+        let now = Utc::now();
+        call.not_before = Some(now + chrono::Duration::seconds(30));
+        assert_eq!(call.deferred_until(now), call.not_before);
+        assert_eq!(
+            call.deferred_until(now + chrono::Duration::seconds(31)),
+            None
+        );
+        assert!(call.cancel(now).is_ok());
+        assert_eq!(call.status, CallStatus::Canceled);
     }
 }

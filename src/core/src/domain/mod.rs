@@ -4,7 +4,9 @@ pub mod call;
 pub mod delay;
 pub mod metadata;
 pub mod phone;
+pub mod request;
 pub mod sip_outcome;
+pub mod webhook;
 pub mod window;
 
 pub use call::*;

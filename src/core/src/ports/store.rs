@@ -58,6 +58,17 @@ pub struct IndexPage {
     pub next: Option<String>,
 }
 
+/// The index cursor every adapter uses: `<score>:<id>`, pointing just past that entry.
+/// Public so a caller that filters a page can resume after the last id it kept.
+pub fn index_cursor(score: i64, id: &str) -> String {
+    format!("{score}:{id}")
+}
+
+pub fn parse_index_cursor(cursor: &str) -> Option<(i64, String)> {
+    let (score, id) = cursor.split_once(':')?;
+    Some((score.parse().ok()?, id.to_owned()))
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     // --- records (call records) -------------------------------------------------------

@@ -1,0 +1,245 @@
+//! Call records over the store port (typed, versioned, updated by compare-and-swap), the
+//! call-job message, and the clock the scheduling decisions read.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Call, CallStatus, Direction};
+use crate::ports::broker::{headers, Message, WorkQueue};
+use crate::ports::store::{index_cursor, CasOutcome, Store, StoreError};
+use crate::ErrorClass;
+
+/// Where "now" comes from. Workers read it for every scheduling decision, so tests can move
+/// it (call windows) without sleeping.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// System time shifted by an adjustable offset: time still flows (so broker delays stay
+/// real), but a test can put "now" just before a call window opens.
+#[derive(Debug, Default)]
+pub struct ShiftedClock {
+    offset_ms: AtomicI64,
+}
+
+impl ShiftedClock {
+    /// Makes `now()` read `at` at this instant.
+    pub fn set(&self, at: DateTime<Utc>) {
+        self.offset_ms
+            .store((at - Utc::now()).num_milliseconds(), Ordering::SeqCst);
+    }
+}
+
+impl Clock for ShiftedClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now() + chrono::Duration::milliseconds(self.offset_ms.load(Ordering::SeqCst))
+    }
+}
+
+/// The body of an outbound call job: which call, which attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallJob {
+    pub call_id: String,
+    pub attempt: u32,
+}
+
+impl CallJob {
+    /// The broker message for this job, delivered at `deliver_at` (or now).
+    pub fn message(&self, deliver_at: Option<DateTime<Utc>>) -> Message {
+        let body = serde_json::to_vec(self).unwrap_or_default();
+        let mut message = Message::new(WorkQueue::CallJobs, body)
+            .with_id(format!("{}-a{}", self.call_id, self.attempt))
+            .with_header(headers::TRACE_ID, self.call_id.clone());
+        message.deliver_at = deliver_at;
+        message
+    }
+
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(body).map_err(|e| format!("undecodable call job: {e}"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallBookError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("call record {id} is corrupt: {reason}")]
+    Corrupt { id: String, reason: String },
+    #[error("call {0} is being updated concurrently; gave up after repeated conflicts")]
+    Contended(String),
+}
+
+impl CallBookError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            CallBookError::Store(_) | CallBookError::Contended(_) => ErrorClass::Retryable,
+            CallBookError::Corrupt { .. } => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// Filters for listing calls.
+#[derive(Debug, Clone, Default)]
+pub struct CallFilter {
+    pub status: Option<CallStatus>,
+    pub direction: Option<Direction>,
+    pub tag: Option<String>,
+}
+
+impl CallFilter {
+    fn matches(&self, call: &Call) -> bool {
+        self.status.is_none_or(|s| call.status == s)
+            && self.direction.is_none_or(|d| call.direction == d)
+            && self.tag.as_ref().is_none_or(|t| call.tags.contains(t))
+    }
+}
+
+/// A page of calls, newest first.
+#[derive(Debug, Clone)]
+pub struct CallPage {
+    pub calls: Vec<Call>,
+    pub next_cursor: Option<String>,
+}
+
+/// How many index entries one filtered listing may scan before answering with what it has
+/// (and a cursor to continue), so a rare filter cannot make one request scan everything.
+const MAX_SCAN: usize = 2_000;
+const CAS_ATTEMPTS: usize = 32;
+
+/// Typed access to call records.
+#[derive(Clone)]
+pub struct CallBook {
+    store: Arc<dyn Store>,
+}
+
+fn encode(call: &Call) -> Bytes {
+    Bytes::from(serde_json::to_vec(call).unwrap_or_default())
+}
+
+impl CallBook {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Stores a new call and indexes it for listing; false if the id already exists.
+    pub async fn create(&self, call: &Call) -> Result<bool, CallBookError> {
+        Ok(self
+            .store
+            .create_record(
+                &call.id,
+                encode(call),
+                Some(call.created_at.timestamp_millis()),
+            )
+            .await?)
+    }
+
+    async fn get_versioned(&self, id: &str) -> Result<Option<(Call, u64)>, CallBookError> {
+        let Some(record) = self.store.get_record(id).await? else {
+            return Ok(None);
+        };
+        let call = serde_json::from_slice(&record.data).map_err(|e| CallBookError::Corrupt {
+            id: id.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(Some((call, record.version)))
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<Call>, CallBookError> {
+        Ok(self.get_versioned(id).await?.map(|(call, _)| call))
+    }
+
+    /// Applies `change` to the current record and writes it back only if nobody wrote in
+    /// between (re-reading and re-applying on conflict). `change` must be a pure function
+    /// of the call it is given. A change that leaves the call as it was writes nothing.
+    /// `Ok(None)` when there is no such call.
+    pub async fn update<T>(
+        &self,
+        id: &str,
+        mut change: impl FnMut(&mut Call) -> T,
+    ) -> Result<Option<(Call, T)>, CallBookError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((mut call, version)) = self.get_versioned(id).await? else {
+                return Ok(None);
+            };
+            let before = encode(&call);
+            let value = change(&mut call);
+            let after = encode(&call);
+            if before == after {
+                return Ok(Some((call, value)));
+            }
+            match self.store.update_record(id, version, after).await? {
+                CasOutcome::Updated(_) => return Ok(Some((call, value))),
+                CasOutcome::Conflict => continue,
+            }
+        }
+        Err(CallBookError::Contended(id.to_owned()))
+    }
+
+    /// Calls matching `filter`, newest first, at most `limit`, continuing after `cursor`.
+    pub async fn list(
+        &self,
+        filter: &CallFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<CallPage, CallBookError> {
+        let mut calls = Vec::new();
+        let mut cursor = cursor.map(str::to_owned);
+        let mut scanned = 0;
+        loop {
+            let page = self.store.list_index(cursor.as_deref(), limit).await?;
+            for id in &page.ids {
+                scanned += 1;
+                let Some(call) = self.get(id).await? else {
+                    continue;
+                };
+                cursor = Some(index_cursor(call.created_at.timestamp_millis(), &call.id));
+                if filter.matches(&call) {
+                    calls.push(call);
+                    if calls.len() == limit {
+                        // More may follow; the caller finds out with the cursor.
+                        return Ok(CallPage {
+                            calls,
+                            next_cursor: cursor,
+                        });
+                    }
+                }
+            }
+            if page.next.is_none() {
+                return Ok(CallPage {
+                    calls,
+                    next_cursor: None,
+                });
+            }
+            if scanned >= MAX_SCAN {
+                return Ok(CallPage {
+                    calls,
+                    next_cursor: cursor,
+                });
+            }
+            cursor = page.next;
+        }
+    }
+}
+
+/// The wall-clock instant at which `clock` will read `at` (broker delays run on wall time).
+pub fn wall_time(clock: &dyn Clock, at: DateTime<Utc>) -> DateTime<Utc> {
+    Utc::now() + (at - clock.now())
+}

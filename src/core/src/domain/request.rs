@@ -1,0 +1,399 @@
+//! A scheduler's request for an outbound call, and its validation into a [`Call`]. Pure:
+//! the clock and the defaults are parameters.
+
+use chrono::{DateTime, Utc};
+use phonenumber::country::Id as CountryId;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::call::{new_call_id, room_for_call, Call, CallStatus, Direction, RetryPolicy};
+use super::delay::MAX_DELAY;
+use super::phone::E164;
+use super::sip_outcome::SipOutcome;
+use super::window::CallWindow;
+
+/// Bounds a request must respect (each one named in its 422).
+pub mod limits {
+    pub const MAX_ATTEMPTS: u32 = 10;
+    pub const MAX_RETRY_DELAY_S: u64 = 86_400;
+    pub const MAX_RINGING_TIMEOUT_S: u32 = 300;
+    pub const MAX_DURATION_S: u32 = 86_400;
+    pub const MAX_TAGS: usize = 16;
+    pub const MAX_TAG_LEN: usize = 64;
+    pub const MAX_KEY_LEN: usize = 255;
+    pub const MAX_NAME_LEN: usize = 128;
+    pub const MAX_CONTEXT_BYTES: usize = 16 * 1024;
+    pub const MAX_BATCH: usize = 1_000;
+}
+
+/// `POST /v1/calls` body. Unknown fields are rejected so a typo never silently drops a
+/// setting.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallRequest {
+    pub to: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trunk_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_window: Option<CallWindow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on: Option<Vec<SipOutcome>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_delay_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ringing_timeout_s: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration_s: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_until_answered: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
+}
+
+/// What the fleet fills in when a request leaves it out.
+#[derive(Debug, Clone, Default)]
+pub struct CallDefaults {
+    pub region: Option<CountryId>,
+    pub trunk_id: Option<String>,
+    pub agent_name: Option<String>,
+}
+
+/// A request field that is wrong, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+fn bad(field: &str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Identifiers we pass to LiveKit or use as labels: printable, no spaces.
+fn check_token(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
+    if value.is_empty() || value.len() > max {
+        return Err(bad(field, format!("must be 1 to {max} characters")));
+    }
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+    {
+        return Err(bad(
+            field,
+            "may only contain letters, digits and - _ . :".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    field: &str,
+    value: Option<T>,
+    min: T,
+    max: T,
+) -> Result<Option<T>, FieldError> {
+    match value {
+        Some(v) if v < min || v > max => Err(bad(field, format!("must be {min} to {max}"))),
+        other => Ok(other),
+    }
+}
+
+impl CallRequest {
+    /// A stable digest of everything that defines the call (not the idempotency key itself),
+    /// so a repeated key can be told apart from a reused one.
+    pub fn fingerprint(&self) -> String {
+        let mut canonical = self.clone();
+        canonical.idempotency_key = None;
+        // serde_json maps are sorted, so equal requests serialise identically.
+        let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
+        let digest = Sha256::digest(&bytes);
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Validates the request and builds the call it asks for (status `queued`, or
+    /// `scheduled` when it must wait for `not_before` or its call window).
+    pub fn into_call(
+        self,
+        defaults: &CallDefaults,
+        now: DateTime<Utc>,
+    ) -> Result<Call, FieldError> {
+        let to = E164::parse(&self.to, defaults.region).map_err(|e| bad("to", e.to_string()))?;
+        let from = self
+            .from
+            .as_deref()
+            .map(|f| E164::parse(f, defaults.region).map_err(|e| bad("from", e.to_string())))
+            .transpose()?;
+        let trunk_id = match self.trunk_id.clone().or_else(|| defaults.trunk_id.clone()) {
+            Some(t) => {
+                check_token("trunk_id", &t, limits::MAX_NAME_LEN)?;
+                t
+            }
+            None => {
+                return Err(bad(
+                    "trunk_id",
+                    "is required (no default LIVEKIT_SIP_TRUNK_ID is configured)",
+                ))
+            }
+        };
+        let agent_name = self
+            .agent_name
+            .clone()
+            .or_else(|| defaults.agent_name.clone());
+        if let Some(agent) = &agent_name {
+            check_token("agent_name", agent, limits::MAX_NAME_LEN)?;
+        }
+        let context = match self.context.clone() {
+            None | Some(Value::Null) => Value::Object(Default::default()),
+            Some(v @ Value::Object(_)) => {
+                let size = serde_json::to_vec(&v)
+                    .map(|b| b.len())
+                    .unwrap_or(usize::MAX);
+                if size > limits::MAX_CONTEXT_BYTES {
+                    return Err(bad(
+                        "context",
+                        format!("must be at most {} bytes", limits::MAX_CONTEXT_BYTES),
+                    ));
+                }
+                v
+            }
+            Some(_) => return Err(bad("context", "must be a JSON object")),
+        };
+        if let Some(key) = &self.idempotency_key {
+            if key.is_empty()
+                || key.len() > limits::MAX_KEY_LEN
+                || key.chars().any(|c| c.is_control())
+            {
+                return Err(bad(
+                    "idempotency_key",
+                    format!("must be 1 to {} printable characters", limits::MAX_KEY_LEN),
+                ));
+            }
+        }
+        if let Some(nb) = self.not_before {
+            let horizon = now + chrono::Duration::from_std(MAX_DELAY).unwrap_or_default();
+            if nb > horizon {
+                return Err(bad("not_before", "must be at most 7 days ahead"));
+            }
+        }
+        if let Some(window) = &self.call_window {
+            window.parse().map_err(|e| {
+                let field = match &e {
+                    super::window::WindowError::Timezone(_) => "call_window.timezone",
+                    super::window::WindowError::Time { field, .. } => {
+                        if *field == "start" {
+                            "call_window.start"
+                        } else {
+                            "call_window.end"
+                        }
+                    }
+                    super::window::WindowError::Day(_) => "call_window.days",
+                    super::window::WindowError::Empty => "call_window",
+                };
+                bad(field, e.to_string())
+            })?;
+        }
+        let defaults_policy = RetryPolicy::default();
+        let max_attempts = in_range("max_attempts", self.max_attempts, 1, limits::MAX_ATTEMPTS)?
+            .unwrap_or(defaults_policy.max_attempts);
+        let retry_delay_s = in_range(
+            "retry_delay_s",
+            self.retry_delay_s,
+            1,
+            limits::MAX_RETRY_DELAY_S,
+        )?
+        .unwrap_or(defaults_policy.retry_delay_s);
+        let retry_on = match self.retry_on.clone() {
+            Some(list) => {
+                if let Some(final_outcome) = list.iter().find(|o| !o.retryable_by_default()) {
+                    return Err(bad(
+                        "retry_on",
+                        format!(
+                            "{} is a final outcome; only busy, no_answer and unavailable can be retried",
+                            final_outcome.as_str()
+                        ),
+                    ));
+                }
+                list
+            }
+            None => defaults_policy.retry_on,
+        };
+        let ringing_timeout_s = in_range(
+            "ringing_timeout_s",
+            self.ringing_timeout_s,
+            1,
+            limits::MAX_RINGING_TIMEOUT_S,
+        )?;
+        let max_duration_s = in_range(
+            "max_duration_s",
+            self.max_duration_s,
+            1,
+            limits::MAX_DURATION_S,
+        )?;
+        let tags = self.tags.clone().unwrap_or_default();
+        if tags.len() > limits::MAX_TAGS {
+            return Err(bad("tags", format!("at most {} tags", limits::MAX_TAGS)));
+        }
+        for tag in &tags {
+            check_token("tags", tag, limits::MAX_TAG_LEN)?;
+        }
+
+        let id = new_call_id();
+        let mut call = Call {
+            room_name: room_for_call(&id),
+            id,
+            direction: Direction::Outbound,
+            status: CallStatus::Queued,
+            to: to.as_str().to_owned(),
+            from: from.map(|f| f.as_str().to_owned()),
+            trunk_id: Some(trunk_id),
+            agent_name,
+            context,
+            tags,
+            dispatch_id: None,
+            idempotency_key: self.idempotency_key.clone(),
+            retry: RetryPolicy {
+                max_attempts,
+                retry_on,
+                retry_delay_s,
+            },
+            not_before: self.not_before,
+            scheduled_for: None,
+            call_window: self.call_window.clone(),
+            ringing_timeout_s,
+            max_duration_s,
+            wait_until_answered: self.wait_until_answered.unwrap_or(false),
+            attempts: vec![],
+            created_at: now,
+            updated_at: now,
+            ended_at: None,
+            duration_s: None,
+            end_reason: None,
+            timeline: vec![],
+        };
+        call.note(now, "accepted", None);
+        if let Some(due) = call.deferred_until(now) {
+            call.status = CallStatus::Scheduled;
+            call.scheduled_for = Some(due);
+            call.note(now, "scheduled", Some(due.to_rfc3339()));
+        }
+        Ok(call)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::phone::parse_region;
+
+    fn defaults() -> CallDefaults {
+        CallDefaults {
+            region: parse_region("US").ok(),
+            trunk_id: Some("ST_default".into()),
+            agent_name: None,
+        }
+    }
+
+    fn request(to: &str) -> CallRequest {
+        CallRequest {
+            to: to.into(),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(r: CallRequest) -> String {
+        match r.into_call(&defaults(), Utc::now()) {
+            Err(e) => e.field,
+            Ok(_) => "accepted".into(),
+        }
+    }
+
+    #[test]
+    fn national_numbers_use_the_default_region() {
+        let call = request("(510) 555-0123")
+            .into_call(&defaults(), Utc::now())
+            .expect("valid");
+        assert_eq!(call.to, "+15105550123");
+        assert_eq!(call.trunk_id.as_deref(), Some("ST_default"));
+        assert_eq!(call.status, CallStatus::Queued);
+        assert!(call.room_name.starts_with("cf-"));
+    }
+
+    #[test]
+    fn each_invalid_field_is_named() {
+        assert_eq!(field_of(request("12")), "to");
+        let mut r = request("+15105550123");
+        r.from = Some("nope".into());
+        assert_eq!(field_of(r), "from");
+        let mut r = request("+15105550123");
+        r.max_attempts = Some(0);
+        assert_eq!(field_of(r), "max_attempts");
+        let mut r = request("+15105550123");
+        r.retry_on = Some(vec![SipOutcome::Declined]);
+        assert_eq!(field_of(r), "retry_on");
+        let mut r = request("+15105550123");
+        r.context = Some(Value::String("x".into()));
+        assert_eq!(field_of(r), "context");
+        let mut r = request("+15105550123");
+        r.tags = Some(vec!["has space".into()]);
+        assert_eq!(field_of(r), "tags");
+        let mut r = request("+15105550123");
+        r.call_window = Some(CallWindow {
+            timezone: "Nowhere/City".into(),
+            start: "09:00".into(),
+            end: "17:00".into(),
+            days: None,
+        });
+        assert_eq!(field_of(r), "call_window.timezone");
+        let mut r = request("+15105550123");
+        r.not_before = Some(Utc::now() + chrono::Duration::days(30));
+        assert_eq!(field_of(r), "not_before");
+        let no_trunk = CallDefaults {
+            trunk_id: None,
+            ..defaults()
+        };
+        assert_eq!(
+            request("+15105550123")
+                .into_call(&no_trunk, Utc::now())
+                .map_err(|e| e.field),
+            Err("trunk_id".to_owned())
+        );
+    }
+
+    #[test]
+    fn future_not_before_schedules_the_call() {
+        let now = Utc::now();
+        let mut r = request("+15105550123");
+        r.not_before = Some(now + chrono::Duration::minutes(5));
+        let call = r.into_call(&defaults(), now).expect("valid");
+        assert_eq!(call.status, CallStatus::Scheduled);
+        assert_eq!(call.scheduled_for, call.not_before);
+    }
+
+    #[test]
+    fn fingerprint_ignores_the_key_but_not_the_call() {
+        let mut a = request("+15105550123");
+        a.context = Some(serde_json::json!({"b": 1, "a": 2}));
+        let mut b = a.clone();
+        b.idempotency_key = Some("k1".into());
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        b.to = "+15105550124".into();
+        assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+}

@@ -1,0 +1,377 @@
+//! The call API: submit (one or a batch), read, list, cancel.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use callfleet_core::calls::{wall_time, CallFilter, CallJob};
+use callfleet_core::domain::request::{limits, CallRequest};
+use callfleet_core::domain::{Call, CallStatus, Direction};
+use callfleet_core::ports::Message;
+use callfleet_core::telemetry::metrics as m;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{authorize, body_bytes, parse_json, ApiError, IngressState};
+
+/// How long an idempotency key is remembered.
+const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Retry-After when the broker or store is down.
+const RETRY_AFTER_S: u64 = 5;
+
+fn unavailable(what: &str, error: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %error, "{what} unavailable");
+    ApiError::Unavailable {
+        retry_after_s: RETRY_AFTER_S,
+    }
+}
+
+/// A submission that passed validation and has a record.
+enum Accepted {
+    /// New: its job still has to be published.
+    New(Call, Message),
+    /// The idempotency key named an existing call with the same request.
+    Existing(Call),
+}
+
+impl IngressState {
+    /// Validates, applies the idempotency key and stores the call record; publishing the
+    /// job is the caller's (so a batch can publish in one pipelined round).
+    async fn accept(&self, request: CallRequest) -> Result<Accepted, ApiError> {
+        let now = self.clock.now();
+        let fingerprint = request.fingerprint();
+        let call = request
+            .into_call(&self.defaults, now)
+            .map_err(|e| ApiError::Invalid {
+                field: e.field,
+                message: e.message,
+            })?;
+        if let Some(key) = &call.idempotency_key {
+            let claim = format!("{} {fingerprint}", call.id);
+            let existing = self
+                .calls
+                .store()
+                .claim_key(&idempotency_key(key), &claim, IDEMPOTENCY_TTL)
+                .await
+                .map_err(|e| unavailable("store", e))?;
+            if let Some(existing) = existing {
+                let (existing_id, existing_fp) =
+                    existing.split_once(' ').unwrap_or((existing.as_str(), ""));
+                if existing_fp != fingerprint {
+                    return Err(ApiError::Conflict(
+                        "idempotency_key was already used for a different request".into(),
+                    ));
+                }
+                return match self
+                    .calls
+                    .get(existing_id)
+                    .await
+                    .map_err(|e| unavailable("store", e))?
+                {
+                    Some(call) => Ok(Accepted::Existing(call)),
+                    None => Err(ApiError::Conflict(
+                        "a request with this idempotency_key is still being processed; retry shortly"
+                            .into(),
+                    )),
+                };
+            }
+        }
+        let created = self
+            .calls
+            .create(&call)
+            .await
+            .map_err(|e| unavailable("store", e))?;
+        if !created {
+            return Err(ApiError::Internal(format!(
+                "call id collision: {}",
+                call.id
+            )));
+        }
+        let deliver_at = call
+            .scheduled_for
+            .map(|due| wall_time(self.clock.as_ref(), due));
+        let message = CallJob {
+            call_id: call.id.clone(),
+            attempt: 1,
+        }
+        .message(deliver_at);
+        Ok(Accepted::New(call, message))
+    }
+
+    /// The job could not be enqueued: the caller got a 503, so the record must not look
+    /// like a live call, and the key must be free for the caller's retry.
+    async fn abandon(&self, call: &Call) {
+        let now = self.clock.now();
+        let result = self
+            .calls
+            .update(&call.id, |c| {
+                c.end_reason = Some("not_enqueued".into());
+                c.advance(CallStatus::Failed, now);
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(call_id = %call.id, error = %e, "could not mark an unenqueued call");
+        }
+        if let Some(key) = &call.idempotency_key {
+            if let Err(e) = self.calls.store().delete_key(&idempotency_key(key)).await {
+                tracing::warn!(call_id = %call.id, error = %e, "could not free an idempotency key");
+            }
+        }
+    }
+}
+
+fn idempotency_key(key: &str) -> String {
+    format!("idem:{key}")
+}
+
+/// `POST /v1/calls`: 202 with the call once the broker confirmed its job; 200 with the
+/// existing call for a repeated idempotency key.
+pub async fn create_call(
+    State(state): State<IngressState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Call>), ApiError> {
+    authorize(&state, &headers)?;
+    let request: CallRequest = parse_json(&body_bytes(body)?)?;
+    match state.accept(request).await? {
+        Accepted::Existing(call) => Ok((StatusCode::OK, Json(call))),
+        Accepted::New(call, message) => match state.broker.publish(message).await {
+            Ok(()) => {
+                metrics::counter!(m::JOBS_ENQUEUED, "queue" => "call_jobs").increment(1);
+                Ok((StatusCode::ACCEPTED, Json(call)))
+            }
+            Err(e) => {
+                state.abandon(&call).await;
+                Err(unavailable("broker", e))
+            }
+        },
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    calls: Vec<Value>,
+}
+
+/// One item's result in a batch answer.
+#[derive(Debug, Serialize)]
+pub struct BatchItem {
+    index: usize,
+    /// 202 accepted, 200 existing (idempotency key), or the error's status.
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    call: Option<Call>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BatchResponse {
+    accepted: usize,
+    rejected: usize,
+    results: Vec<BatchItem>,
+}
+
+fn error_item(index: usize, error: &ApiError) -> BatchItem {
+    BatchItem {
+        index,
+        status: error.status().as_u16(),
+        call: None,
+        error: Some(error.body_json()),
+    }
+}
+
+/// `POST /v1/calls/batch`: each item validated and accepted or rejected on its own; the
+/// accepted ones are published in one pipelined round of confirms.
+pub async fn create_batch(
+    State(state): State<IngressState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<BatchResponse>), ApiError> {
+    authorize(&state, &headers)?;
+    let batch: BatchRequest = parse_json(&body_bytes(body)?)?;
+    if batch.calls.is_empty() || batch.calls.len() > limits::MAX_BATCH {
+        return Err(ApiError::Invalid {
+            field: "calls".into(),
+            message: format!("must hold 1 to {} calls", limits::MAX_BATCH),
+        });
+    }
+    let mut results: Vec<Option<BatchItem>> = (0..batch.calls.len()).map(|_| None).collect();
+    let mut pending = Vec::new();
+    for (index, item) in batch.calls.into_iter().enumerate() {
+        let accepted = match crate::from_value::<CallRequest>(item) {
+            Ok(request) => state.accept(request).await,
+            Err(e) => Err(e),
+        };
+        match accepted {
+            Ok(Accepted::Existing(call)) => {
+                results[index] = Some(BatchItem {
+                    index,
+                    status: 200,
+                    call: Some(call),
+                    error: None,
+                })
+            }
+            Ok(Accepted::New(call, message)) => pending.push((index, call, message)),
+            Err(e @ ApiError::Unavailable { .. }) => return Err(e),
+            Err(e) => results[index] = Some(error_item(index, &e)),
+        }
+    }
+    if !pending.is_empty() {
+        let messages = pending.iter().map(|(_, _, m)| m.clone()).collect();
+        let outcomes = state.broker.publish_many(messages).await;
+        let published = outcomes.iter().filter(|r| r.is_ok()).count();
+        if published == 0 {
+            // The broker is down: nothing was enqueued, so the whole batch is retryable.
+            for (_, call, _) in &pending {
+                state.abandon(call).await;
+            }
+            let reason = outcomes
+                .into_iter()
+                .find_map(Result::err)
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            return Err(unavailable("broker", reason));
+        }
+        metrics::counter!(m::JOBS_ENQUEUED, "queue" => "call_jobs").increment(published as u64);
+        for ((index, call, _), outcome) in pending.into_iter().zip(outcomes) {
+            results[index] = Some(match outcome {
+                Ok(()) => BatchItem {
+                    index,
+                    status: 202,
+                    call: Some(call),
+                    error: None,
+                },
+                Err(e) => {
+                    state.abandon(&call).await;
+                    error_item(index, &unavailable("broker", e))
+                }
+            });
+        }
+    }
+    let results: Vec<BatchItem> = results.into_iter().flatten().collect();
+    let accepted = results.iter().filter(|r| r.status < 300).count();
+    Ok((
+        StatusCode::OK,
+        Json(BatchResponse {
+            accepted,
+            rejected: results.len() - accepted,
+            results,
+        }),
+    ))
+}
+
+/// `GET /v1/calls/{id}`.
+pub async fn get_call(
+    State(state): State<IngressState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Call>, ApiError> {
+    authorize(&state, &headers)?;
+    state
+        .calls
+        .get(&id)
+        .await
+        .map_err(|e| unavailable("store", e))?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no call {id}")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    status: Option<String>,
+    direction: Option<String>,
+    tag: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListResponse {
+    calls: Vec<Call>,
+    next_cursor: Option<String>,
+}
+
+/// `GET /v1/calls?status=&direction=&tag=&limit=&cursor=`: newest first.
+pub async fn list_calls(
+    State(state): State<IngressState>,
+    headers: HeaderMap,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<ListResponse>, ApiError> {
+    authorize(&state, &headers)?;
+    let Query(params) = params.map_err(|e| ApiError::Invalid {
+        field: "query".into(),
+        message: e.body_text(),
+    })?;
+    let status = params
+        .status
+        .as_deref()
+        .map(|s| {
+            CallStatus::parse(s).ok_or_else(|| ApiError::Invalid {
+                field: "status".into(),
+                message: format!("unknown status {s:?}"),
+            })
+        })
+        .transpose()?;
+    let direction = match params.direction.as_deref() {
+        None => None,
+        Some("outbound") => Some(Direction::Outbound),
+        Some("inbound") => Some(Direction::Inbound),
+        Some(other) => {
+            return Err(ApiError::Invalid {
+                field: "direction".into(),
+                message: format!("must be inbound or outbound, got {other:?}"),
+            })
+        }
+    };
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::Invalid {
+            field: "limit".into(),
+            message: "must be 1 to 200".into(),
+        });
+    }
+    let filter = CallFilter {
+        status,
+        direction,
+        tag: params.tag,
+    };
+    let page = state
+        .calls
+        .list(&filter, limit, params.cursor.as_deref())
+        .await
+        .map_err(|e| unavailable("store", e))?;
+    Ok(Json(ListResponse {
+        calls: page.calls,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// `POST /v1/calls/{id}/cancel`: only before the call is dialed (409 after).
+pub async fn cancel_call(
+    State(state): State<IngressState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Call>, ApiError> {
+    authorize(&state, &headers)?;
+    let now = state.clock.now();
+    let updated = state
+        .calls
+        .update(&id, |call| call.cancel(now))
+        .await
+        .map_err(|e| unavailable("store", e))?;
+    match updated {
+        None => Err(ApiError::NotFound(format!("no call {id}"))),
+        Some((_, Err(refused))) => Err(ApiError::Conflict(refused.to_string())),
+        Some((call, Ok(()))) => {
+            metrics::counter!(m::CALLS_FINISHED, "direction" => "outbound", "status" => "canceled")
+                .increment(1);
+            Ok(Json(call))
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The webhook-event worker: dedupes LiveKit events by id, then moves the call they are
+//! about forward (never backward): the SIP participant joined, answered, left; the room
+//! finished. The end of an answered call completes it and frees its trunk slot; an
+//! unanswered dial ends its attempt (retried per the call's policy).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use callfleet_core::domain::webhook::{outcome_from_disconnect, ParticipantRef, WebhookEvent};
+use callfleet_core::domain::{
+    parse_participant_identity, AfterAttempt, AttemptEnd, Call, CallStatus, EndDetails,
+};
+use callfleet_core::ports::{Message, WorkQueue};
+use callfleet_core::telemetry::metrics as m;
+use chrono::{DateTime, TimeZone, Utc};
+
+use crate::calls::{CallDeps, InfraError};
+use crate::{Handler, HandlerOutcome};
+
+/// How long an event id is remembered (LiveKit gives up on an event after 30 s of retries;
+/// a day also covers broker redeliveries and replays).
+const DEDUPE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Consumes `webhook_events`.
+pub struct WebhookEventHandler {
+    deps: CallDeps,
+}
+
+/// The call a room belongs to (rooms are named after their call).
+fn call_for_room(room: &str) -> Option<String> {
+    room.strip_prefix("cf-").map(|rest| format!("call_{rest}"))
+}
+
+fn millis(ms: i64) -> Option<DateTime<Utc>> {
+    Utc.timestamp_millis_opt(ms).single()
+}
+
+impl WebhookEventHandler {
+    pub fn new(deps: CallDeps) -> Self {
+        Self { deps }
+    }
+
+    async fn apply(&self, event: &WebhookEvent) -> Result<&'static str, InfraError> {
+        match event.event.as_str() {
+            "participant_joined"
+            | "track_published"
+            | "participant_left"
+            | "participant_connection_aborted" => {
+                let Some(p) = &event.participant else {
+                    return Ok("ignored");
+                };
+                let Some((call_id, attempt)) = parse_participant_identity(&p.identity) else {
+                    return Ok("ignored");
+                };
+                let gone = matches!(
+                    event.event.as_str(),
+                    "participant_left" | "participant_connection_aborted"
+                );
+                self.participant_event(&call_id, attempt, p, gone).await
+            }
+            "room_finished" => {
+                let Some(room) = &event.room else {
+                    return Ok("ignored");
+                };
+                let Some(call_id) = call_for_room(&room.name) else {
+                    return Ok("ignored");
+                };
+                self.room_finished(&call_id, &room.sid).await
+            }
+            _ => Ok("ignored"),
+        }
+    }
+
+    async fn participant_event(
+        &self,
+        call_id: &str,
+        attempt: u32,
+        p: &ParticipantRef,
+        gone: bool,
+    ) -> Result<&'static str, InfraError> {
+        let now = self.deps.clock.now();
+        let mut after = None;
+        let updated = self
+            .deps
+            .calls
+            .update(call_id, |call| {
+                after = None;
+                let wait_mode = call.wait_until_answered;
+                let Some(a) = call.current_attempt_mut() else {
+                    return false;
+                };
+                // Events of an earlier attempt, or of one already settled, change nothing.
+                if a.number != attempt || a.is_over() {
+                    return false;
+                }
+                // The journal (steps) belongs to the job; webhooks add evidence beside it.
+                let dial_recorded = a.steps.participant_sid.is_some();
+                if a.sip_call_id.is_none() {
+                    a.sip_call_id = p.attributes.get("sip.callID").cloned();
+                }
+                if a.joined_at.is_none() {
+                    a.joined_at = p.joined_at_ms.and_then(millis);
+                }
+                let answered_now = p.was_answered() && !a.answered;
+                if answered_now {
+                    a.answered = true;
+                    if p.sip_call_status() == Some("active") && !gone {
+                        a.answered_at = Some(now);
+                    }
+                }
+                if !gone {
+                    call.advance(CallStatus::SipParticipantJoined, now);
+                    if answered_now {
+                        call.advance(CallStatus::InProgress, now);
+                    }
+                    return true;
+                }
+                a.left_at.get_or_insert(now);
+                if p.disconnect_reason.is_some() {
+                    a.disconnect_reason = p.disconnect_reason.clone();
+                }
+                let details = EndDetails {
+                    disconnect_reason: p.disconnect_reason.clone(),
+                    ..Default::default()
+                };
+                if a.answered {
+                    after = call.end_attempt(AttemptEnd::Completed, details, now);
+                } else if !wait_mode || dial_recorded {
+                    let outcome = outcome_from_disconnect(p.disconnect_reason.as_deref());
+                    after = call.end_attempt(AttemptEnd::Unanswered(outcome), details, now);
+                } else {
+                    // The dial request is still waiting for LiveKit's exact answer (SIP
+                    // status included); its job records the outcome. This is evidence for
+                    // the job's redelivery should that job have died.
+                    call.note(now, "participant_left", p.disconnect_reason.clone());
+                }
+                true
+            })
+            .await?;
+        let Some((call, _)) = updated else {
+            return Ok("unknown_call");
+        };
+        self.follow_up(&call, after).await
+    }
+
+    async fn room_finished(
+        &self,
+        call_id: &str,
+        room_sid: &str,
+    ) -> Result<&'static str, InfraError> {
+        let now = self.deps.clock.now();
+        let mut after = None;
+        let updated = self
+            .deps
+            .calls
+            .update(call_id, |call| {
+                after = None;
+                let wait_mode = call.wait_until_answered;
+                let Some(a) = call.current_attempt_mut() else {
+                    return false;
+                };
+                let same_room = match (&a.steps.room_sid, room_sid) {
+                    (Some(ours), theirs) if !theirs.is_empty() => ours == theirs,
+                    _ => true,
+                };
+                // Only a dialed, unsettled attempt in this very room instance can end here.
+                if a.is_over() || !a.dial_started() || !same_room {
+                    return false;
+                }
+                let dial_recorded = a.steps.participant_sid.is_some();
+                a.left_at.get_or_insert(now);
+                let details = EndDetails {
+                    reason: Some("room_finished".into()),
+                    ..Default::default()
+                };
+                if a.answered {
+                    after = call.end_attempt(AttemptEnd::Completed, details, now);
+                } else if !wait_mode || dial_recorded {
+                    after = call.end_attempt(
+                        AttemptEnd::Unanswered(
+                            callfleet_core::domain::sip_outcome::SipOutcome::Failed,
+                        ),
+                        details,
+                        now,
+                    );
+                }
+                true
+            })
+            .await?;
+        let Some((call, _)) = updated else {
+            return Ok("unknown_call");
+        };
+        self.follow_up(&call, after).await
+    }
+
+    async fn follow_up(
+        &self,
+        call: &Call,
+        after: Option<AfterAttempt>,
+    ) -> Result<&'static str, InfraError> {
+        match after {
+            Some(after) => {
+                self.deps.settle(call, after).await?;
+                Ok("applied")
+            }
+            None => {
+                // Already settled: if that settling died before queueing the retry, this
+                // repeat (a redelivery) queues it.
+                self.deps.ensure_next_attempt(call).await?;
+                Ok("no_change")
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for WebhookEventHandler {
+    fn queue(&self) -> WorkQueue {
+        WorkQueue::WebhookEvents
+    }
+
+    async fn handle(&self, message: &Message, _redeliveries: u32) -> HandlerOutcome {
+        let event = match WebhookEvent::parse(&message.body) {
+            Ok(e) => e,
+            Err(reason) => return HandlerOutcome::DeadLetter { reason },
+        };
+        let seen_key = format!("wh:{}", event.dedupe_id(&message.body));
+        let store = self.deps.calls.store();
+        match store.first_seen(&seen_key, DEDUPE_TTL).await {
+            Ok(true) => {}
+            Ok(false) => {
+                metrics::counter!(m::WEBHOOKS, "result" => "duplicate", "reason" => "event_id")
+                    .increment(1);
+                return HandlerOutcome::Done;
+            }
+            Err(e) => return InfraError::from(e).retry(),
+        }
+        match self.apply(&event).await {
+            Ok(result) => {
+                metrics::counter!(m::WEBHOOKS, "result" => result, "reason" => "none").increment(1);
+                HandlerOutcome::Done
+            }
+            Err(e) => {
+                // Not handled: forget the mark so the retry is not taken for a duplicate.
+                let _ = store.forget_seen(&seen_key).await;
+                tracing::warn!(event = %event.event, error = %e, "webhook event not applied; retrying");
+                e.retry()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rooms_map_back_to_their_call() {
+        let id = callfleet_core::domain::new_call_id();
+        let room = callfleet_core::domain::room_for_call(&id);
+        assert_eq!(call_for_room(&room), Some(id));
+        assert_eq!(call_for_room("someone-elses-room"), None);
+    }
+}
