@@ -4,7 +4,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use callfleet_core::adapters::{MemoryBroker, MemoryStore, RabbitBroker, RabbitConfig, RedisStore};
+use callfleet_core::ports::broker::{BrokerError, DeadLetter, Message, Subscription, WorkQueue};
 use callfleet_core::ports::{Broker, Store};
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -52,7 +54,12 @@ pub fn memory_store() -> Arc<dyn Store> {
 
 /// A Redis store on a fresh key prefix. Panics (never skips) if Redis is unreachable.
 pub async fn redis_store(test: &str) -> Arc<dyn Store> {
-    let store = RedisStore::connect(&redis_url(), &unique_prefix(test), Duration::from_secs(5))
+    redis_store_at(&unique_prefix(test)).await
+}
+
+/// A Redis store on `prefix`. Panics (never skips) if Redis is unreachable.
+pub async fn redis_store_at(prefix: &str) -> Arc<dyn Store> {
+    let store = RedisStore::connect(&redis_url(), prefix, Duration::from_secs(5))
         .await
         .unwrap_or_else(|e| {
             panic!(
@@ -116,4 +123,40 @@ pub async fn cleanup_rabbit(prefix: &str) {
             .await;
     }
     let _ = conn.close(200, "cleanup".into()).await;
+}
+
+/// A broker that is down: every call fails as an unreachable RabbitMQ would.
+pub struct DownBroker;
+
+#[async_trait]
+impl Broker for DownBroker {
+    async fn publish(&self, _: Message) -> Result<(), BrokerError> {
+        Err(BrokerError::Unavailable("down".into()))
+    }
+    async fn publish_many(&self, m: Vec<Message>) -> Vec<Result<(), BrokerError>> {
+        m.iter()
+            .map(|_| Err(BrokerError::Unavailable("down".into())))
+            .collect()
+    }
+    async fn subscribe(&self, _: WorkQueue, _: u16) -> Result<Subscription, BrokerError> {
+        Err(BrokerError::Unavailable("down".into()))
+    }
+    async fn dead_letter(&self, _: Message, _: &str) -> Result<(), BrokerError> {
+        Err(BrokerError::Unavailable("down".into()))
+    }
+    async fn list_dead_letters(&self, _: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+        Err(BrokerError::Unavailable("down".into()))
+    }
+    async fn replay_dead_letters(&self, _: Option<&str>, _: usize) -> Result<usize, BrokerError> {
+        Err(BrokerError::Unavailable("down".into()))
+    }
+    async fn purge_dead_letters(&self) -> Result<usize, BrokerError> {
+        Err(BrokerError::Unavailable("down".into()))
+    }
+    async fn queue_depth(&self, _: WorkQueue) -> Result<u64, BrokerError> {
+        Err(BrokerError::Unavailable("down".into()))
+    }
+    async fn ping(&self) -> Result<(), BrokerError> {
+        Err(BrokerError::Unavailable("down".into()))
+    }
 }

@@ -3,52 +3,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use callfleet_core::adapters::LiveKitApi;
 use callfleet_core::domain::sip_outcome::{FailureKind, SipOutcome};
 use callfleet_core::lifecycle::{health_router, Readiness};
-use callfleet_core::ports::broker::{BrokerError, DeadLetter, Message, Subscription, WorkQueue};
 use callfleet_core::ports::livekit::DialRequest;
-use callfleet_core::ports::{Broker, LiveKit};
+use callfleet_core::ports::LiveKit;
 use livekit_emulator::{CallScript, Emulator, EmulatorConfig, Outcome};
 
-use crate::harness::memory_store;
-
-/// A broker that is down: every call fails as an unreachable RabbitMQ would.
-struct DownBroker;
-
-#[async_trait]
-impl Broker for DownBroker {
-    async fn publish(&self, _: Message) -> Result<(), BrokerError> {
-        Err(BrokerError::Unavailable("down".into()))
-    }
-    async fn publish_many(&self, m: Vec<Message>) -> Vec<Result<(), BrokerError>> {
-        m.iter()
-            .map(|_| Err(BrokerError::Unavailable("down".into())))
-            .collect()
-    }
-    async fn subscribe(&self, _: WorkQueue, _: u16) -> Result<Subscription, BrokerError> {
-        Err(BrokerError::Unavailable("down".into()))
-    }
-    async fn dead_letter(&self, _: Message, _: &str) -> Result<(), BrokerError> {
-        Err(BrokerError::Unavailable("down".into()))
-    }
-    async fn list_dead_letters(&self, _: usize) -> Result<Vec<DeadLetter>, BrokerError> {
-        Err(BrokerError::Unavailable("down".into()))
-    }
-    async fn replay_dead_letters(&self, _: Option<&str>, _: usize) -> Result<usize, BrokerError> {
-        Err(BrokerError::Unavailable("down".into()))
-    }
-    async fn purge_dead_letters(&self) -> Result<usize, BrokerError> {
-        Err(BrokerError::Unavailable("down".into()))
-    }
-    async fn queue_depth(&self, _: WorkQueue) -> Result<u64, BrokerError> {
-        Err(BrokerError::Unavailable("down".into()))
-    }
-    async fn ping(&self) -> Result<(), BrokerError> {
-        Err(BrokerError::Unavailable("down".into()))
-    }
-}
+use crate::harness::{memory_store, DownBroker};
 
 async fn get(app: axum::Router, path: &str) -> (u16, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

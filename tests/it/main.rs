@@ -4,8 +4,12 @@
 //! queue and key prefix so tests run in parallel.
 
 mod broker_conformance;
+mod crash;
 mod emulator;
+mod fleet;
 mod harness;
 mod lifecycle;
+mod outbound;
 mod store_conformance;
+mod webhooks;
 mod worker_runtime;

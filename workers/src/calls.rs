@@ -25,6 +25,9 @@ pub struct OutboundSettings {
     pub lease_ttl: Duration,
     /// Empty-room timeout given to CreateRoom.
     pub room_empty_timeout_s: u32,
+    /// How long one worker keeps a call to itself before another may take over (a worker
+    /// that died holds it this long; a dial waiting for an answer adds its ringing time).
+    pub call_lock_ttl: Duration,
     /// How long a dial whose request may have reached LiveKit waits for evidence (a
     /// participant or a webhook) before it is declared unknown rather than repeated.
     pub dial_evidence_grace: Duration,
@@ -38,6 +41,7 @@ impl Default for OutboundSettings {
             trunk_cps: 10.0,
             lease_ttl: Duration::from_secs(3_600),
             room_empty_timeout_s: 300,
+            call_lock_ttl: Duration::from_secs(10),
             dial_evidence_grace: Duration::from_secs(60),
         }
     }

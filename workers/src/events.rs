@@ -86,11 +86,12 @@ impl WebhookEventHandler {
             .update(call_id, |call| {
                 after = None;
                 let wait_mode = call.wait_until_answered;
+                let ended = call.status.is_terminal();
                 let Some(a) = call.current_attempt_mut() else {
                     return false;
                 };
                 // Events of an earlier attempt, or of one already settled, change nothing.
-                if a.number != attempt || a.is_over() {
+                if a.number != attempt || a.is_over() || ended {
                     return false;
                 }
                 // The journal (steps) belongs to the job; webhooks add evidence beside it.
@@ -137,10 +138,10 @@ impl WebhookEventHandler {
                 true
             })
             .await?;
-        let Some((call, _)) = updated else {
+        let Some((call, current)) = updated else {
             return Ok("unknown_call");
         };
-        self.follow_up(&call, after).await
+        self.follow_up(&call, current, after).await
     }
 
     async fn room_finished(
@@ -156,6 +157,7 @@ impl WebhookEventHandler {
             .update(call_id, |call| {
                 after = None;
                 let wait_mode = call.wait_until_answered;
+                let ended = call.status.is_terminal();
                 let Some(a) = call.current_attempt_mut() else {
                     return false;
                 };
@@ -164,7 +166,7 @@ impl WebhookEventHandler {
                     _ => true,
                 };
                 // Only a dialed, unsettled attempt in this very room instance can end here.
-                if a.is_over() || !a.dial_started() || !same_room {
+                if a.is_over() || !a.dial_started() || !same_room || ended {
                     return false;
                 }
                 let dial_recorded = a.steps.participant_sid.is_some();
@@ -187,29 +189,27 @@ impl WebhookEventHandler {
                 true
             })
             .await?;
-        let Some((call, _)) = updated else {
+        let Some((call, current)) = updated else {
             return Ok("unknown_call");
         };
-        self.follow_up(&call, after).await
+        self.follow_up(&call, current, after).await
     }
 
+    /// `current`: the event was about the call's live attempt (else it is stale: late,
+    /// repeated or about an earlier attempt, and changed nothing).
     async fn follow_up(
         &self,
         call: &Call,
+        current: bool,
         after: Option<AfterAttempt>,
     ) -> Result<&'static str, InfraError> {
-        match after {
-            Some(after) => {
-                self.deps.settle(call, after).await?;
-                Ok("applied")
-            }
-            None => {
-                // Already settled: if that settling died before queueing the retry, this
-                // repeat (a redelivery) queues it.
-                self.deps.ensure_next_attempt(call).await?;
-                Ok("no_change")
-            }
+        if let Some(after) = after {
+            self.deps.settle(call, after).await?;
+            return Ok("applied");
         }
+        // If an earlier settling died before queueing the retry, this repeat queues it.
+        self.deps.ensure_next_attempt(call).await?;
+        Ok(if current { "applied" } else { "stale" })
     }
 }
 

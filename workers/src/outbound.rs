@@ -210,7 +210,12 @@ impl OutboundCallHandler {
         // Only one worker drives a call at a time; the journal and reconciliation below
         // keep us safe when this lock expires under a slow worker.
         let lock_name = format!("call:{}", call.id);
-        let lock_ttl = Duration::from_secs(u64::from(call.ringing_timeout_s.unwrap_or(30)) + 60);
+        let ringing = if call.wait_until_answered {
+            Duration::from_secs(u64::from(call.ringing_timeout_s.unwrap_or(30)))
+        } else {
+            Duration::ZERO
+        };
+        let lock_ttl = deps.settings.call_lock_ttl + ringing;
         let Some(token) = deps
             .calls
             .store()
@@ -292,7 +297,7 @@ impl OutboundCallHandler {
             .map_err(InfraError::from)?
         {
             return Err(Stop::Outcome(HandlerOutcome::Defer {
-                after: jitter(Duration::from_millis(500)),
+                after: jitter(Duration::from_millis(300)),
                 reason: format!("trunk {trunk} is at its concurrent-call limit"),
             }));
         }
@@ -482,7 +487,7 @@ impl OutboundCallHandler {
                         .get_participant(&request.room_name, &request.participant_identity)
                         .await?
                     {
-                        return Ok(Dialed::Found(p));
+                        return Ok(Dialed::Found(Box::new(p)));
                     }
                 }
                 metrics::counter!(m::DIALS, "result" => "sent").increment(1);
@@ -611,7 +616,7 @@ impl OutboundCallHandler {
         .when(transient)
         .await;
         match found {
-            Ok(Some(p)) => self.dialed(call, attempt, Dialed::Found(p)).await,
+            Ok(Some(p)) => self.dialed(call, attempt, Dialed::Found(Box::new(p))).await,
             Ok(None) => {
                 let Some(current) = call.current_attempt() else {
                     return Err(Stop::Gone);
@@ -680,7 +685,7 @@ impl OutboundCallHandler {
 
 enum Dialed {
     Created(livekit_protocol::SipParticipantInfo),
-    Found(livekit_protocol::ParticipantInfo),
+    Found(Box<livekit_protocol::ParticipantInfo>),
 }
 
 /// The `attempt` a dispatch's metadata names (dispatches from our own earlier tries).

@@ -52,6 +52,8 @@ pub struct WebhookRecord {
     pub outcome: String,
     /// Whether this delivery was an injected duplicate.
     pub duplicate: bool,
+    /// Epoch milliseconds when the event was queued for this URL (when it happened).
+    pub queued_ms: i64,
 }
 
 #[derive(Default)]

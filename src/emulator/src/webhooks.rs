@@ -186,6 +186,7 @@ async fn deliver_marked(emu: &Emulator, url: &str, item: Queued, duplicate: bool
             last_error: None,
             outcome: "pending".into(),
             duplicate,
+            queued_ms: crate::ids::now_ms(),
         });
         records.webhooks.len() - 1
     };

@@ -104,11 +104,11 @@ fn field_error(path: String, error: &(impl std::fmt::Display + ?Sized)) -> ApiEr
     let unknown = message
         .strip_prefix("unknown field `")
         .and_then(|rest| rest.split('`').next());
+    // The path already ends at an unknown field's own name.
     let field = match (unknown, path.as_str()) {
         (Some(name), "." | "") => name.to_owned(),
-        (Some(name), parent) => format!("{parent}.{name}"),
         (None, "." | "") => "body".to_owned(),
-        (None, p) => p.to_owned(),
+        (_, p) => p.to_owned(),
     };
     ApiError::Invalid { field, message }
 }

@@ -1,0 +1,244 @@
+//! A whole fleet in the test process: the ingress on a real port, worker runtimes with
+//! the real handlers, and the LiveKit emulator posting signed webhooks to the ingress.
+//! Backends are in-memory or RabbitMQ + Redis on a fresh prefix.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use callfleet_core::adapters::LiveKitApi;
+use callfleet_core::calls::{CallBook, ShiftedClock};
+use callfleet_core::domain::phone::parse_region;
+use callfleet_core::domain::request::CallDefaults;
+use callfleet_core::lifecycle::Readiness;
+use callfleet_core::ports::{Broker, Store};
+use callfleet_ingress::IngressState;
+use callfleet_workers::{
+    CallDeps, OutboundCallHandler, OutboundSettings, WebhookEventHandler, WorkerRuntime,
+};
+use livekit_emulator::{ApiRecord, Emulator, EmulatorConfig, RunningEmulator};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{
+    cleanup_rabbit, eventually, memory_broker, memory_store, rabbit_broker, redis_store_at,
+};
+
+pub const API_KEY: &str = "test-key";
+pub const TRUNK: &str = "ST_test";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    Memory,
+    RabbitRedis,
+}
+
+pub struct FleetOptions {
+    pub backing: Backing,
+    pub settings: OutboundSettings,
+    /// Worker runtimes (each a separate consumer, as separate processes would be).
+    pub workers: usize,
+    pub emulator: EmulatorConfig,
+    /// Replaces the broker (a broker that is down).
+    pub broker: Option<Arc<dyn Broker>>,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        Self {
+            backing: Backing::Memory,
+            settings: OutboundSettings {
+                default_agent: "test-agent".into(),
+                trunk_max_concurrent: 100,
+                trunk_cps: 1_000.0,
+                ..OutboundSettings::default()
+            },
+            workers: 1,
+            emulator: EmulatorConfig {
+                webhook_retry_base: Duration::from_millis(50),
+                ..EmulatorConfig::default()
+            },
+            broker: None,
+        }
+    }
+}
+
+pub struct TestFleet {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub emulator: Emulator,
+    pub calls: CallBook,
+    pub broker: Arc<dyn Broker>,
+    pub clock: Arc<ShiftedClock>,
+    pub prefix: Option<String>,
+    running: Option<RunningEmulator>,
+    livekit: Arc<LiveKitApi>,
+    settings: OutboundSettings,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl TestFleet {
+    pub async fn start(name: &str, options: FleetOptions) -> Self {
+        let (broker, store, prefix): (Arc<dyn Broker>, Arc<dyn Store>, _) = match options.backing {
+            Backing::Memory => (memory_broker(10), memory_store(), None),
+            Backing::RabbitRedis => {
+                let (broker, prefix) = rabbit_broker(name, 10).await;
+                (broker, redis_store_at(&prefix).await, Some(prefix))
+            }
+        };
+        let broker = options.broker.clone().unwrap_or(broker);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind ingress");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let mut emulator_config = options.emulator;
+        emulator_config
+            .webhook_urls
+            .push(format!("{base}/v1/livekit/webhook"));
+        let running = Emulator::start(emulator_config, "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("start emulator");
+        let clock = Arc::new(ShiftedClock::default());
+        let calls = CallBook::new(Arc::clone(&store));
+        let state = IngressState {
+            readiness: Readiness {
+                broker: Arc::clone(&broker),
+                store: Arc::clone(&store),
+                timeout: Duration::from_secs(2),
+            },
+            max_body_bytes: 64 * 1024,
+            broker: Arc::clone(&broker),
+            calls: calls.clone(),
+            api_keys: Arc::new(vec![API_KEY.into()]),
+            webhook_keys: Arc::new(vec![("devkey".into(), "secret".into())]),
+            defaults: CallDefaults {
+                region: parse_region("US").ok(),
+                trunk_id: Some(TRUNK.into()),
+                agent_name: None,
+            },
+            clock: clock.clone(),
+        };
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let server_stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, callfleet_ingress::app(state))
+                .with_graceful_shutdown(async move { server_stop.cancelled().await })
+                .await;
+        }));
+        let livekit = Arc::new(LiveKitApi::new(
+            &running.url(),
+            "devkey",
+            "secret",
+            Duration::from_secs(10),
+        ));
+        let mut fleet = Self {
+            base,
+            http: reqwest::Client::new(),
+            emulator: running.emulator.clone(),
+            calls,
+            broker,
+            clock,
+            prefix,
+            running: Some(running),
+            livekit,
+            settings: options.settings,
+            stop,
+            tasks,
+        };
+        for _ in 0..options.workers {
+            fleet.spawn_worker();
+        }
+        fleet
+    }
+
+    /// Starts one more worker runtime on the fleet's broker and store.
+    pub fn spawn_worker(&mut self) {
+        let deps = CallDeps {
+            calls: self.calls.clone(),
+            broker: Arc::clone(&self.broker),
+            livekit: self.livekit.clone(),
+            clock: self.clock.clone(),
+            settings: self.settings.clone(),
+        };
+        let runtime = WorkerRuntime::new(Arc::clone(&self.broker), 64, 64, 5)
+            .with_handler(Arc::new(OutboundCallHandler::new(deps.clone())))
+            .with_handler(Arc::new(WebhookEventHandler::new(deps)));
+        let stop = self.stop.clone();
+        self.tasks.push(tokio::spawn(async move {
+            let _ = runtime.run(stop, Duration::from_secs(5)).await;
+        }));
+    }
+
+    pub fn emulator_url(&self) -> String {
+        self.running.as_ref().map(|r| r.url()).unwrap_or_default()
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
+        let response = request.send().await.expect("ingress reachable");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .bearer_auth(API_KEY)
+                .json(body),
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.send(
+            self.http
+                .get(format!("{}{path}", self.base))
+                .bearer_auth(API_KEY),
+        )
+        .await
+    }
+
+    /// Submits a call and returns its id (asserting 202).
+    pub async fn submit(&self, body: Value) -> String {
+        let (status, call) = self.post("/v1/calls", &body).await;
+        assert_eq!(status, 202, "submit answered {status}: {call}");
+        call["id"].as_str().expect("call id").to_owned()
+    }
+
+    /// Waits until the call reaches `status`, and returns it.
+    pub async fn wait_for(&self, id: &str, status: &str, timeout: Duration) -> Value {
+        let what = format!("call {id} to reach {status}");
+        eventually(&what, timeout, || async {
+            let (code, call) = self.get(&format!("/v1/calls/{id}")).await;
+            (code == 200 && call["status"] == status).then_some(call)
+        })
+        .await
+    }
+
+    /// The emulator's CreateSIPParticipant requests that dialed `number`.
+    pub fn dials_to(&self, number: &str) -> Vec<ApiRecord> {
+        self.emulator
+            .requests_of("CreateSIPParticipant")
+            .into_iter()
+            .filter(|r| r.fields.get("sip_call_to").map(String::as_str) == Some(number))
+            .collect()
+    }
+
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+        if let Some(prefix) = &self.prefix {
+            cleanup_rabbit(prefix).await;
+        }
+    }
+}
