@@ -40,6 +40,8 @@ pub struct FleetOptions {
     pub emulator: EmulatorConfig,
     /// Replaces the broker (a broker that is down).
     pub broker: Option<Arc<dyn Broker>>,
+    /// Broker-delayed retries of a job before it is dead-lettered.
+    pub max_job_attempts: u32,
 }
 
 impl Default for FleetOptions {
@@ -58,6 +60,7 @@ impl Default for FleetOptions {
                 ..EmulatorConfig::default()
             },
             broker: None,
+            max_job_attempts: 5,
         }
     }
 }
@@ -73,6 +76,7 @@ pub struct TestFleet {
     running: Option<RunningEmulator>,
     livekit: Arc<LiveKitApi>,
     settings: OutboundSettings,
+    max_job_attempts: u32,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -143,6 +147,7 @@ impl TestFleet {
             running: Some(running),
             livekit,
             settings: options.settings,
+            max_job_attempts: options.max_job_attempts,
             stop,
             tasks,
         };
@@ -161,7 +166,7 @@ impl TestFleet {
             clock: self.clock.clone(),
             settings: self.settings.clone(),
         };
-        let runtime = WorkerRuntime::new(Arc::clone(&self.broker), 64, 64, 5)
+        let runtime = WorkerRuntime::new(Arc::clone(&self.broker), 64, 64, self.max_job_attempts)
             .with_handler(Arc::new(OutboundCallHandler::new(deps.clone())))
             .with_handler(Arc::new(WebhookEventHandler::new(deps)));
         let stop = self.stop.clone();

@@ -664,3 +664,95 @@ async fn metrics_follow_the_call() {
     assert_eq!(depth, 0);
     fleet.stop().await;
 }
+
+fn failing(method: &str, code: &str) -> livekit_emulator::Faults {
+    livekit_emulator::Faults {
+        methods: [(
+            method.to_owned(),
+            MethodFault {
+                error_rate: 1.0,
+                error_code: Some(code.to_owned()),
+                ..Default::default()
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    }
+}
+
+/// A LiveKit that keeps failing transiently: quick in-process retries, then a
+/// broker-delayed retry, then the dead-letter queue with the reason, which the call's
+/// timeline shows; replaying it once LiveKit is back places the call.
+#[tokio::test]
+async fn transient_failures_end_in_the_dead_letter_queue_and_replay_resumes() {
+    let fleet = TestFleet::start(
+        "dlq",
+        FleetOptions {
+            max_job_attempts: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet
+        .emulator
+        .set_faults(failing("CreateRoom", "unavailable"));
+    let id = fleet.submit(json!({"to": "+15105550501"})).await;
+    let dead = crate::harness::eventually("a dead letter", SLOW, || async {
+        let dead = fleet.broker.list_dead_letters(10).await.ok()?;
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert!(
+        dead[0].reason.contains("retries exhausted"),
+        "{}",
+        dead[0].reason
+    );
+    assert!(dead[0].reason.contains("CreateRoom"), "{}", dead[0].reason);
+    // 4 tries in process per delivery (1 + 3 quick retries), two deliveries.
+    assert_eq!(fleet.emulator.requests_of("CreateRoom").len(), 8);
+    let (_, call) = fleet.get(&format!("/v1/calls/{id}")).await;
+    assert!(
+        statuses(&call).iter().any(|e| e == "dead_lettered"),
+        "{call}"
+    );
+    assert!(fleet.dials_to("+15105550501").is_empty());
+
+    fleet
+        .emulator
+        .set_faults(livekit_emulator::Faults::default());
+    assert_eq!(
+        fleet
+            .broker
+            .replay_dead_letters(None, 10)
+            .await
+            .expect("replay"),
+        1
+    );
+    fleet.wait_for(&id, "completed", SLOW).await;
+    assert_eq!(fleet.dials_to("+15105550501").len(), 1);
+    fleet.stop().await;
+}
+
+/// A permanent LiveKit error fails the call with the reason; nothing is retried.
+#[tokio::test]
+async fn permanent_errors_fail_the_call_with_the_reason() {
+    let fleet = TestFleet::start("permanent", FleetOptions::default()).await;
+    fleet
+        .emulator
+        .set_faults(failing("CreateDispatch", "permission_denied"));
+    let id = fleet.submit(json!({"to": "+15105550511"})).await;
+    let call = fleet.wait_for(&id, "failed", SLOW).await;
+    let reason = call["end_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("CreateDispatch") && reason.contains("permission_denied"),
+        "{call}"
+    );
+    assert_eq!(
+        fleet.emulator.requests_of("CreateDispatch").len(),
+        1,
+        "not retried"
+    );
+    assert!(fleet.dials_to("+15105550511").is_empty());
+    fleet.stop().await;
+}
