@@ -1,0 +1,431 @@
+//! Outbound benchmark on RabbitMQ + Redis + the emulator (release build):
+//!
+//! 1. the machine's raw ceiling: persistent messages published with confirms into a quorum
+//!    queue by a bare lapin client, as many in flight as the HTTP run uses;
+//! 2. sustained `POST /v1/calls` acceptance (closed loop, same concurrency), as a fraction
+//!    of that ceiling, and p50/p99;
+//! 3. latency at half the sustained rate (open loop, so slow answers are not hidden);
+//! 4. end-to-end throughput (accepted → SIP participant created) with 1 and 2 worker
+//!    processes against an emulator with fixed per-method latency, and their peak RSS.
+//!
+//! `cargo build --release --bin callfleet --example outbound_bench &&
+//!  target/release/examples/outbound_bench [seconds] [concurrency] [calls]`
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use callfleet_core::adapters::{RabbitBroker, RabbitConfig, RedisStore};
+use callfleet_core::calls::{CallBook, SystemClock};
+use callfleet_core::domain::phone::parse_region;
+use callfleet_core::domain::request::CallDefaults;
+use callfleet_core::lifecycle::Readiness;
+use callfleet_core::ports::{Broker, Store};
+use callfleet_ingress::IngressState;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use livekit_emulator::{CallScript, Emulator, EmulatorConfig, Faults, MethodFault, Outcome};
+use serde_json::json;
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const REDIS: &str = "redis://127.0.0.1:6379";
+const KEY: &str = "bench-key";
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Bare lapin: `concurrency` publishers, each with one message in flight awaiting its
+/// confirm, into one quorum queue.
+async fn raw_ceiling(seconds: u64, concurrency: usize) -> Result<f64, Error> {
+    let conn = Connection::connect(AMQP, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let queue = format!("bench-raw-{}", uuid::Uuid::new_v4().simple());
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let body =
+        json!({"call_id": "call_0123456789abcdef0123456789abcdef", "attempt": 1}).to_string();
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for _ in 0..concurrency {
+        let (channel, stop, queue, body) =
+            (channel.clone(), stop.clone(), queue.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let confirm = channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        body.as_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await;
+                if let Ok(confirm) = confirm {
+                    if confirm.await.is_ok() {
+                        n += 1;
+                    }
+                }
+            }
+            n
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap_or(0);
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let _ = channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+    let _ = conn.close(200, "bench done".into()).await;
+    Ok(rate)
+}
+
+struct Ingress {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Ingress {
+    async fn submit(&self, i: u64) -> Result<Duration, Error> {
+        let started = Instant::now();
+        let response = self
+            .http
+            .post(format!("{}/v1/calls", self.base))
+            .bearer_auth(KEY)
+            .json(&json!({
+                "to": format!("+1510555{:04}", i % 10_000),
+                "context": {"customerName": "Ada", "invoiceId": i},
+                "tags": ["bench"]
+            }))
+            .send()
+            .await?;
+        let status = response.status();
+        let _ = response.bytes().await?;
+        if status.as_u16() != 202 {
+            return Err(format!("POST /v1/calls answered {status}").into());
+        }
+        Ok(started.elapsed())
+    }
+}
+
+/// Closed loop: `concurrency` clients submitting back to back.
+async fn sustained(
+    ingress: Arc<Ingress>,
+    seconds: u64,
+    concurrency: usize,
+) -> (f64, Vec<Duration>, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..concurrency {
+        let (ingress, stop) = (ingress.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut errors, mut i) = (Vec::new(), 0u64, c as u64 * 1_000_000);
+            while !stop.load(Ordering::Relaxed) {
+                match ingress.submit(i).await {
+                    Ok(d) => lat.push(d),
+                    Err(_) => errors += 1,
+                }
+                i += 1;
+            }
+            (lat, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        if let Ok((lat, e)) = t.await {
+            all.extend(lat);
+            errors += e;
+        }
+    }
+    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+    all.sort();
+    (rate, all, errors)
+}
+
+/// Open loop at `rate` per second: request i starts at i/rate whatever earlier ones did.
+async fn paced(ingress: Arc<Ingress>, seconds: u64, rate: f64) -> (Vec<Duration>, u64) {
+    let total = (rate * seconds as f64) as u64;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        let due = started + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let ingress = ingress.clone();
+        tasks.push(tokio::spawn(
+            async move { ingress.submit(50_000_000 + i).await },
+        ));
+    }
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        match t.await {
+            Ok(Ok(d)) => all.push(d),
+            _ => errors += 1,
+        }
+    }
+    all.sort();
+    (all, errors)
+}
+
+fn rss_peak_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+async fn connect(prefix: &str) -> Result<(Arc<dyn Broker>, Arc<dyn Store>), Error> {
+    let broker = RabbitBroker::connect(RabbitConfig {
+        url: AMQP.into(),
+        prefix: prefix.into(),
+        delivery_limit: 10,
+        publish_timeout: Duration::from_secs(5),
+    })
+    .await?;
+    let store = RedisStore::connect(REDIS, prefix, Duration::from_secs(5)).await?;
+    Ok((Arc::new(broker), Arc::new(store)))
+}
+
+async fn start_ingress(
+    broker: Arc<dyn Broker>,
+    store: Arc<dyn Store>,
+    webhook_keys: Vec<(String, secrecy::SecretString)>,
+) -> Result<Arc<Ingress>, Error> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let state = IngressState {
+        readiness: Readiness {
+            broker: broker.clone(),
+            store: store.clone(),
+            timeout: Duration::from_secs(2),
+        },
+        max_body_bytes: 1 << 20,
+        broker,
+        calls: CallBook::new(store),
+        api_keys: Arc::new(vec![KEY.into()]),
+        webhook_keys: Arc::new(webhook_keys),
+        defaults: CallDefaults {
+            region: parse_region("US").ok(),
+            trunk_id: Some("ST_bench".into()),
+            agent_name: None,
+        },
+        clock: Arc::new(SystemClock),
+    };
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, callfleet_ingress::app(state)).await;
+    });
+    Ok(Arc::new(Ingress {
+        base,
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()?,
+    }))
+}
+
+/// Submits `calls` (in batches), then starts `workers` worker processes and times until
+/// the emulator has created every SIP participant.
+async fn end_to_end(workers: usize, calls: usize, latency_ms: u64) -> Result<(), Error> {
+    let prefix = format!("bench-e2e-{}", uuid::Uuid::new_v4().simple());
+    let (broker, store) = connect(&prefix).await?;
+    let ingress_listener_base;
+    let emulator = {
+        let mut methods = std::collections::HashMap::new();
+        for m in [
+            "CreateRoom",
+            "ListDispatch",
+            "CreateDispatch",
+            "CreateSIPParticipant",
+            "GetParticipant",
+            "DeleteRoom",
+        ] {
+            methods.insert(
+                m.to_owned(),
+                MethodFault {
+                    latency_ms,
+                    ..Default::default()
+                },
+            );
+        }
+        let running = Emulator::start(
+            EmulatorConfig {
+                default_script: CallScript {
+                    outcome: Outcome::Answer,
+                    ring_ms: 100,
+                    talk_ms: Some(500),
+                    sip_status: None,
+                },
+                ..Default::default()
+            },
+            "127.0.0.1:0".parse()?,
+        )
+        .await?;
+        running.emulator.set_faults(Faults {
+            methods,
+            ..Default::default()
+        });
+        running
+    };
+    let ingress = start_ingress(broker, store, vec![("devkey".into(), "secret".into())]).await?;
+    ingress_listener_base = ingress.base.clone();
+    emulator
+        .emulator
+        .add_webhook_url(&format!("{ingress_listener_base}/v1/livekit/webhook"));
+    for chunk in (0..calls).collect::<Vec<_>>().chunks(1_000) {
+        let items: Vec<_> = chunk
+            .iter()
+            .map(|i| json!({"to": format!("+1510555{:04}", i % 10_000)}))
+            .collect();
+        let response = ingress
+            .http
+            .post(format!("{}/v1/calls/batch", ingress.base))
+            .bearer_auth(KEY)
+            .json(&json!({ "calls": items }))
+            .send()
+            .await?;
+        let answer: serde_json::Value = response.json().await?;
+        if answer["accepted"].as_u64() != Some(chunk.len() as u64) {
+            return Err(format!("batch not fully accepted: {}", answer["rejected"]).into());
+        }
+    }
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("callfleet"))
+        .ok_or("no target dir")?;
+    let started = Instant::now();
+    let mut children = Vec::new();
+    for _ in 0..workers {
+        children.push(
+            tokio::process::Command::new(&bin)
+                .arg("worker")
+                .env("CALLFLEET_BROKER", "rabbitmq")
+                .env("CALLFLEET_STORE", "redis")
+                .env("CALLFLEET_AMQP_URL", AMQP)
+                .env("CALLFLEET_REDIS_URL", REDIS)
+                .env("CALLFLEET_QUEUE_PREFIX", &prefix)
+                .env("CALLFLEET_KEY_PREFIX", &prefix)
+                .env("CALLFLEET_WORKER_HTTP_ADDR", "127.0.0.1:0")
+                .env("CALLFLEET_TRUNK_MAX_CONCURRENT", "1000")
+                .env("CALLFLEET_TRUNK_CPS", "1000")
+                .env("CALLFLEET_CONCURRENCY", "128")
+                .env("CALLFLEET_PREFETCH", "128")
+                .env("CALLFLEET_LOG", "warn")
+                .env("LIVEKIT_URL", emulator.url())
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+    }
+    loop {
+        let created = emulator
+            .emulator
+            .requests_of("CreateSIPParticipant")
+            .iter()
+            .filter(|r| r.result == "ok")
+            .count();
+        if created >= calls {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            return Err(format!("only {created}/{calls} participants after 300 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed();
+    let dials = emulator.emulator.requests_of("CreateSIPParticipant").len();
+    let rss: Vec<String> = children
+        .iter()
+        .filter_map(|c| c.id())
+        .filter_map(rss_peak_kib)
+        .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+        .collect();
+    println!(
+        "e2e  workers={workers} calls={calls} LiveKit latency={latency_ms} ms/method: {:.0} calls/s \
+         (accepted → SIP participant created), {:.2} s total, {dials} dials, peak worker RSS {}",
+        calls as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        rss.join(", ")
+    );
+    for mut c in children {
+        let _ = c.start_kill();
+        let _ = c.wait().await;
+    }
+    emulator.shutdown().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let mut args = std::env::args().skip(1);
+    let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
+    let concurrency: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(32);
+    let calls: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2_000);
+
+    let ceiling = raw_ceiling(seconds, concurrency).await?;
+    println!("raw  bare lapin, persistent + confirms, quorum queue, {concurrency} in flight: {ceiling:.0} msg/s");
+
+    let prefix = format!("bench-ingress-{}", uuid::Uuid::new_v4().simple());
+    let (broker, store) = connect(&prefix).await?;
+    let ingress = start_ingress(broker, store, vec![]).await?;
+    // Warm-up: connections, channels, JIT-free but caches and pools.
+    let _ = sustained(ingress.clone(), 1, concurrency).await;
+    let (rate, lat, errors) = sustained(ingress.clone(), seconds, concurrency).await;
+    println!(
+        "http POST /v1/calls, {concurrency} clients: {rate:.0} req/s = {:.2} of the raw ceiling; p50 {:.2} ms, p99 {:.2} ms, {errors} errors",
+        rate / ceiling,
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99)),
+    );
+    let half = rate / 2.0;
+    let (lat, errors) = paced(ingress.clone(), seconds, half).await;
+    println!(
+        "http POST /v1/calls at half that rate ({half:.0} req/s, open loop): p50 {:.2} ms, p99 {:.2} ms, {errors} errors",
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99)),
+    );
+    for workers in [1, 2] {
+        end_to_end(workers, calls, 20).await?;
+    }
+    println!("(queues and keys left under the bench-* prefixes; delete with rabbitmqctl/redis-cli if wanted)");
+    Ok(())
+}
