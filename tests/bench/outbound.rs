@@ -267,7 +267,6 @@ async fn start_ingress(
 async fn end_to_end(workers: usize, calls: usize, latency_ms: u64) -> Result<(), Error> {
     let prefix = format!("bench-e2e-{}", uuid::Uuid::new_v4().simple());
     let (broker, store) = connect(&prefix).await?;
-    let ingress_listener_base;
     let emulator = {
         let mut methods = std::collections::HashMap::new();
         for m in [
@@ -306,7 +305,7 @@ async fn end_to_end(workers: usize, calls: usize, latency_ms: u64) -> Result<(),
         running
     };
     let ingress = start_ingress(broker, store, vec![("devkey".into(), "secret".into())]).await?;
-    ingress_listener_base = ingress.base.clone();
+    let ingress_listener_base = ingress.base.clone();
     emulator
         .emulator
         .add_webhook_url(&format!("{ingress_listener_base}/v1/livekit/webhook"));
