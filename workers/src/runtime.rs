@@ -43,6 +43,9 @@ pub trait Handler: Send + Sync + 'static {
     async fn dead_lettered(&self, _message: &Message, _reason: &str) {}
 }
 
+/// How often a worker samples the depth of the queues it consumes.
+const DEPTH_SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
 /// Header counting broker-delayed retries of one job.
 pub const RETRY_HEADER: &str = "x-callfleet-retry";
 
@@ -127,6 +130,27 @@ impl WorkerRuntime {
             });
         }
         drop(job_tx);
+        // Queue depth for dashboards and autoscaling (a bounded label: the queue kind).
+        let sampler = {
+            let broker = Arc::clone(&self.broker);
+            let queues: Vec<WorkQueue> = self.handlers.keys().copied().collect();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(DEPTH_SAMPLE_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    for queue in &queues {
+                        if let Ok(depth) = broker.queue_depth(*queue).await {
+                            metrics::gauge!(m::QUEUE_DEPTH, "queue" => queue.as_str())
+                                .set(depth as f64);
+                        }
+                    }
+                }
+            })
+        };
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -163,6 +187,7 @@ impl WorkerRuntime {
         drop(job_rx);
         release.cancel();
         while pullers.join_next().await.is_some() {}
+        sampler.abort();
         Ok(())
     }
 }
