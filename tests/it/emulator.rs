@@ -1063,3 +1063,29 @@ async fn empty_rooms_close_after_their_timeout() {
     assert!(rooms(&e).list_rooms(vec![]).await.expect("list").is_empty());
     e.shutdown().await;
 }
+
+/// JSON answers as LiveKit's server writes them: proto field names and every field present
+/// (EmitUnpopulated), with int64 as strings and enums by name.
+#[tokio::test]
+async fn json_responses_carry_unpopulated_fields() {
+    let e = start(None).await;
+    let room: Value = raw(&e, "CreateRoom", json!({"name": "json-room"}), None)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(room["name"], "json-room");
+    assert_eq!(room["metadata"], "");
+    assert_eq!(room["num_participants"], 0);
+    assert_eq!(room["active_recording"], false);
+    assert!(room["creation_time"].is_string(), "{room}");
+    assert!(room["enabled_codecs"].is_array(), "{room}");
+    assert!(room.get("version").is_some(), "{room}");
+    let listed: Value = raw(&e, "ListParticipants", json!({"room": "json-room"}), None)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed, json!({"participants": []}));
+    e.shutdown().await;
+}

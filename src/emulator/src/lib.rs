@@ -13,6 +13,8 @@ mod ids;
 mod sip;
 mod state;
 mod twirp;
+mod unpopulated;
+mod unpopulated_table;
 mod webhooks;
 
 use std::net::SocketAddr;

@@ -335,9 +335,10 @@ fn encode<T: prost::Message + Serialize>(wire: Wire, msg: &T) -> Response {
         )
             .into_response(),
         Wire::Json => {
-            let value = serde_json::to_value(msg)
+            let mut value = serde_json::to_value(msg)
                 .map(proto_names)
                 .unwrap_or(Value::Null);
+            crate::unpopulated::fill(crate::unpopulated::message_name::<T>(), &mut value);
             (
                 [(header::CONTENT_TYPE, "application/json")],
                 value.to_string(),

@@ -302,7 +302,10 @@ impl Inner {
             return Err(BrokerError::DelayTooLong(remaining));
         }
         Ok(match delay::next_hop(remaining) {
-            None => (self.work_exchange(), String::new()),
+            // Due now: straight to the work queue through the default exchange (cheaper for
+            // the broker than header matching, which only the delay tiers' dead-lettering
+            // needs, to find each message's queue again).
+            None => (String::new(), self.queue_name(message.queue)),
             Some(tier) => (String::new(), self.tier_queue(tier)),
         })
     }
