@@ -1089,3 +1089,50 @@ async fn json_responses_carry_unpopulated_fields() {
     assert_eq!(listed, json!({"participants": []}));
     e.shutdown().await;
 }
+
+/// Trunk and dispatch-rule CRUD needs the `sip.admin` grant (livekit-facts.md §4); with it
+/// the emulator answers like LiveKit's mock (empty messages), without it `unauthenticated`.
+#[tokio::test]
+async fn sip_admin_grant_guards_trunk_and_dispatch_rule_crud() {
+    use livekit_api::services::sip::{ListSIPDispatchRuleFilter, ListSIPInboundTrunkFilter};
+    let e = start(None).await;
+    // The SDK signs these with sip.admin when it holds the API secret.
+    let admin = SIPClient::with_api_key(&e.url(), "devkey", "secret");
+    let trunks = admin
+        .list_sip_inbound_trunk(ListSIPInboundTrunkFilter::All)
+        .await
+        .expect("admin may list trunks");
+    assert!(trunks.is_empty());
+    admin
+        .list_sip_dispatch_rule(ListSIPDispatchRuleFilter::All)
+        .await
+        .expect("admin may list dispatch rules");
+    admin
+        .delete_sip_dispatch_rule("SDR_x")
+        .await
+        .expect("admin may delete dispatch rules");
+    // A token with only sip.call (and every video grant) is refused.
+    let caller = SIPClient::with_token(
+        &e.url(),
+        &token(
+            VideoGrants {
+                room_admin: true,
+                room_create: true,
+                room_list: true,
+                ..Default::default()
+            },
+            true,
+        ),
+    );
+    let err = caller
+        .list_sip_inbound_trunk(ListSIPInboundTrunkFilter::All)
+        .await
+        .expect_err("sip.admin needed");
+    assert_code(&err, "unauthenticated");
+    let err = caller
+        .delete_sip_dispatch_rule("SDR_x")
+        .await
+        .expect_err("sip.admin needed");
+    assert_code(&err, "unauthenticated");
+    e.shutdown().await;
+}
