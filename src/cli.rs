@@ -367,12 +367,13 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             println!();
             println!("Try it:");
-            let key = generated_key.as_deref().unwrap_or("$CALLFLEET_API_KEY");
+            // With keys from the environment, the example expects one of them in $KEY.
+            let key = generated_key.as_deref().unwrap_or("$KEY");
             println!("  curl -s {base}/readyz");
             println!(
-                "  curl -s -X POST {base}/v1/calls -H 'authorization: Bearer {key}' -H 'content-type: application/json' -d '{{\"to\":\"+15105550123\",\"agent_name\":\"reminder-agent\",\"context\":{{\"customerName\":\"Ada\",\"amountDue\":\"42.00\"}}}}'"
+                "  curl -s -X POST {base}/v1/calls -H \"authorization: Bearer {key}\" -H 'content-type: application/json' -d '{{\"to\":\"+15105550123\",\"agent_name\":\"reminder-agent\",\"context\":{{\"customerName\":\"Ada\",\"amountDue\":\"42.00\"}}}}'"
             );
-            println!("  curl -s {base}/v1/calls -H 'authorization: Bearer {key}'   # then GET /v1/calls/<id>");
+            println!("  curl -s {base}/v1/calls -H \"authorization: Bearer {key}\"   # then GET /v1/calls/<id>");
             println!("Press Ctrl-C to stop.");
 
             let _ = server.await;
