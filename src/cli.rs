@@ -407,7 +407,6 @@ async fn start_ingress(
         defaults: CallDefaults {
             region: Some(parse_region(&ingress.default_region)?),
             trunk_id: livekit.livekit_sip_trunk_id.clone(),
-            agent_name: None,
         },
         clock: Arc::new(SystemClock),
     };

@@ -247,7 +247,6 @@ async fn start_ingress(
         defaults: CallDefaults {
             region: parse_region("US").ok(),
             trunk_id: Some("ST_bench".into()),
-            agent_name: None,
         },
         clock: Arc::new(SystemClock),
     };

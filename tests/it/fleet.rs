@@ -118,7 +118,6 @@ impl TestFleet {
             defaults: CallDefaults {
                 region: parse_region("US").ok(),
                 trunk_id: Some(TRUNK.into()),
-                agent_name: None,
             },
             clock: clock.clone(),
         };

@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use callfleet_core::domain::sip_outcome::SipOutcome;
 use callfleet_core::domain::webhook::{outcome_from_disconnect, ParticipantRef, WebhookEvent};
 use callfleet_core::domain::{
-    parse_participant_identity, AfterAttempt, AttemptEnd, Call, CallStatus, EndDetails,
+    parse_participant_identity, AfterAttempt, Call, CallStatus, EndDetails,
 };
 use callfleet_core::ports::{Message, WorkQueue};
 use callfleet_core::telemetry::metrics as m;
@@ -85,7 +86,6 @@ impl WebhookEventHandler {
             .calls
             .update(call_id, |call| {
                 after = None;
-                let wait_mode = call.wait_until_answered;
                 let ended = call.status.is_terminal();
                 let Some(a) = call.current_attempt_mut() else {
                     return false;
@@ -95,7 +95,6 @@ impl WebhookEventHandler {
                     return false;
                 }
                 // The journal (steps) belongs to the job; webhooks add evidence beside it.
-                let dial_recorded = a.steps.participant_sid.is_some();
                 if a.sip_call_id.is_none() {
                     a.sip_call_id = p.attributes.get("sip.callID").cloned();
                 }
@@ -116,23 +115,14 @@ impl WebhookEventHandler {
                     }
                     return true;
                 }
-                a.left_at.get_or_insert(now);
-                if p.disconnect_reason.is_some() {
-                    a.disconnect_reason = p.disconnect_reason.clone();
-                }
                 let details = EndDetails {
                     disconnect_reason: p.disconnect_reason.clone(),
                     ..Default::default()
                 };
-                if a.answered {
-                    after = call.end_attempt(AttemptEnd::Completed, details, now);
-                } else if !wait_mode || dial_recorded {
-                    let outcome = outcome_from_disconnect(p.disconnect_reason.as_deref());
-                    after = call.end_attempt(AttemptEnd::Unanswered(outcome), details, now);
-                } else {
-                    // The dial request is still waiting for LiveKit's exact answer (SIP
-                    // status included); its job records the outcome. This is evidence for
-                    // the job's redelivery should that job have died.
+                let outcome = outcome_from_disconnect(p.disconnect_reason.as_deref());
+                after = call.callee_gone(outcome, details, now);
+                if after.is_none() {
+                    // Evidence for the waiting dial's job, should that job have died.
                     call.note(now, "participant_left", p.disconnect_reason.clone());
                 }
                 true
@@ -156,7 +146,6 @@ impl WebhookEventHandler {
             .calls
             .update(call_id, |call| {
                 after = None;
-                let wait_mode = call.wait_until_answered;
                 let ended = call.status.is_terminal();
                 let Some(a) = call.current_attempt_mut() else {
                     return false;
@@ -169,23 +158,11 @@ impl WebhookEventHandler {
                 if a.is_over() || !a.dial_started() || !same_room || ended {
                     return false;
                 }
-                let dial_recorded = a.steps.participant_sid.is_some();
-                a.left_at.get_or_insert(now);
                 let details = EndDetails {
                     reason: Some("room_finished".into()),
                     ..Default::default()
                 };
-                if a.answered {
-                    after = call.end_attempt(AttemptEnd::Completed, details, now);
-                } else if !wait_mode || dial_recorded {
-                    after = call.end_attempt(
-                        AttemptEnd::Unanswered(
-                            callfleet_core::domain::sip_outcome::SipOutcome::Failed,
-                        ),
-                        details,
-                        now,
-                    );
-                }
+                after = call.callee_gone(SipOutcome::Failed, details, now);
                 true
             })
             .await?;

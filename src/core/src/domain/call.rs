@@ -418,6 +418,35 @@ impl Call {
         Ok(())
     }
 
+    /// The current attempt's callee left, or its room closed. An answered attempt
+    /// completes; an unanswered one ends as `unanswered`, unless a dial request waiting for
+    /// the answer is still out (no participant recorded yet): that request brings the exact
+    /// SIP outcome, so the leave is only kept as evidence for it (`None`).
+    pub fn callee_gone(
+        &mut self,
+        unanswered: SipOutcome,
+        details: EndDetails,
+        at: DateTime<Utc>,
+    ) -> Option<AfterAttempt> {
+        let waiting_dial = self.wait_until_answered;
+        let attempt = self.attempts.last_mut()?;
+        if attempt.is_over() {
+            return None;
+        }
+        attempt.left_at.get_or_insert(at);
+        if details.disconnect_reason.is_some() {
+            attempt.disconnect_reason = details.disconnect_reason.clone();
+        }
+        let end = if attempt.answered {
+            AttemptEnd::Completed
+        } else if !waiting_dial || attempt.steps.participant_sid.is_some() {
+            AttemptEnd::Unanswered(unanswered)
+        } else {
+            return None;
+        };
+        self.end_attempt(end, details, at)
+    }
+
     /// Records how the current attempt ended and decides what follows: another attempt
     /// (per the retry policy and call window) or a final status. `None` when the attempt
     /// had already ended (a repeated or late report changes nothing).
@@ -696,5 +725,38 @@ mod tests {
         );
         assert!(call.cancel(now).is_ok());
         assert_eq!(call.status, CallStatus::Canceled);
+    }
+
+    #[test]
+    fn a_leave_waits_for_the_exact_outcome_of_a_waiting_dial() {
+        let now = Utc::now();
+        let mut call = sample(Direction::Outbound);
+        call.wait_until_answered = true;
+        dialed(&mut call, now);
+        // The dial request is still out: the leave is evidence only.
+        assert_eq!(
+            call.callee_gone(SipOutcome::Busy, EndDetails::default(), now),
+            None
+        );
+        assert!(call
+            .current_attempt()
+            .is_some_and(|a| a.left_at.is_some() && !a.is_over()));
+        // Once the dial's participant is recorded, a leave decides.
+        if let Some(a) = call.current_attempt_mut() {
+            a.steps.participant_sid = Some("PA_1".into());
+        }
+        assert_eq!(
+            call.callee_gone(SipOutcome::Busy, EndDetails::default(), now),
+            Some(AfterAttempt::Final(CallStatus::Busy))
+        );
+        let mut answered = sample(Direction::Outbound);
+        dialed(&mut answered, now);
+        if let Some(a) = answered.current_attempt_mut() {
+            a.answered = true;
+        }
+        assert_eq!(
+            answered.callee_gone(SipOutcome::Failed, EndDetails::default(), now),
+            Some(AfterAttempt::Final(CallStatus::Completed))
+        );
     }
 }

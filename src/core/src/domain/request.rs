@@ -68,7 +68,6 @@ pub struct CallRequest {
 pub struct CallDefaults {
     pub region: Option<CountryId>,
     pub trunk_id: Option<String>,
-    pub agent_name: Option<String>,
 }
 
 /// A request field that is wrong, and why.
@@ -152,10 +151,8 @@ impl CallRequest {
                 ))
             }
         };
-        let agent_name = self
-            .agent_name
-            .clone()
-            .or_else(|| defaults.agent_name.clone());
+        // No agent named: the worker dispatches its configured default.
+        let agent_name = self.agent_name.clone();
         if let Some(agent) = &agent_name {
             check_token("agent_name", agent, limits::MAX_NAME_LEN)?;
         }
@@ -306,7 +303,6 @@ mod tests {
         CallDefaults {
             region: parse_region("US").ok(),
             trunk_id: Some("ST_default".into()),
-            agent_name: None,
         }
     }
 
