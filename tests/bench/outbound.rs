@@ -116,31 +116,105 @@ async fn raw_ceiling(seconds: u64, concurrency: usize) -> Result<f64, Error> {
     Ok(rate)
 }
 
+/// A keep-alive HTTP/1.1 connection writing pre-built requests: the load generator shares
+/// the two cores with the system under test, so it must cost as little as `wrk` would
+/// (reqwest spends about a quarter of the process's CPU building and parsing).
+struct RawConnection {
+    stream: tokio::io::BufReader<tokio::net::TcpStream>,
+    line: String,
+}
+
+impl RawConnection {
+    async fn open(addr: std::net::SocketAddr) -> Result<Self, Error> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream: tokio::io::BufReader::new(stream),
+            line: String::new(),
+        })
+    }
+
+    /// Sends one request and reads the whole answer; returns its status.
+    async fn round_trip(&mut self, request: &[u8]) -> Result<u16, Error> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        self.stream.get_mut().write_all(request).await?;
+        self.line.clear();
+        self.stream.read_line(&mut self.line).await?;
+        let status: u16 = self
+            .line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or("malformed status line")?;
+        let mut length = 0usize;
+        loop {
+            self.line.clear();
+            if self.stream.read_line(&mut self.line).await? == 0 {
+                return Err("connection closed".into());
+            }
+            let header = self.line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse()?;
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body).await?;
+        Ok(status)
+    }
+}
+
 struct Ingress {
     base: String,
+    addr: std::net::SocketAddr,
     http: reqwest::Client,
+    /// Idle connections for the open-loop run, which has no fixed number of clients.
+    idle: std::sync::Mutex<Vec<RawConnection>>,
 }
 
 impl Ingress {
-    async fn submit(&self, i: u64) -> Result<Duration, Error> {
+    fn request(&self, i: u64) -> Vec<u8> {
+        let body = json!({
+            "to": format!("+1510555{:04}", i % 10_000),
+            "context": {"customerName": "Ada", "invoiceId": i},
+            "tags": ["bench"]
+        })
+        .to_string();
+        format!(
+            "POST /v1/calls HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {KEY}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    async fn submit_on(&self, conn: &mut RawConnection, i: u64) -> Result<Duration, Error> {
+        let request = self.request(i);
         let started = Instant::now();
-        let response = self
-            .http
-            .post(format!("{}/v1/calls", self.base))
-            .bearer_auth(KEY)
-            .json(&json!({
-                "to": format!("+1510555{:04}", i % 10_000),
-                "context": {"customerName": "Ada", "invoiceId": i},
-                "tags": ["bench"]
-            }))
-            .send()
-            .await?;
-        let status = response.status();
-        let _ = response.bytes().await?;
-        if status.as_u16() != 202 {
+        let status = conn.round_trip(&request).await?;
+        if status != 202 {
             return Err(format!("POST /v1/calls answered {status}").into());
         }
         Ok(started.elapsed())
+    }
+
+    /// One request on an idle pooled connection (or a new one).
+    async fn submit(&self, i: u64) -> Result<Duration, Error> {
+        let pooled = self.idle.lock().map_err(|_| "pool poisoned")?.pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => RawConnection::open(self.addr).await?,
+        };
+        let result = self.submit_on(&mut conn, i).await;
+        if result.is_ok() {
+            self.idle.lock().map_err(|_| "pool poisoned")?.push(conn);
+        }
+        result
     }
 }
 
@@ -157,10 +231,19 @@ async fn sustained(
         let (ingress, stop) = (ingress.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut errors, mut i) = (Vec::new(), 0u64, c as u64 * 1_000_000);
+            let mut conn = RawConnection::open(ingress.addr).await.ok();
             while !stop.load(Ordering::Relaxed) {
-                match ingress.submit(i).await {
+                let Some(open) = conn.as_mut() else {
+                    errors += 1;
+                    conn = RawConnection::open(ingress.addr).await.ok();
+                    continue;
+                };
+                match ingress.submit_on(open, i).await {
                     Ok(d) => lat.push(d),
-                    Err(_) => errors += 1,
+                    Err(_) => {
+                        errors += 1;
+                        conn = None;
+                    }
                 }
                 i += 1;
             }
@@ -232,7 +315,8 @@ async fn start_ingress(
     webhook_keys: Vec<(String, secrecy::SecretString)>,
 ) -> Result<Arc<Ingress>, Error> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
+    let addr = listener.local_addr()?;
+    let base = format!("http://{addr}");
     let state = IngressState {
         readiness: Readiness {
             broker: broker.clone(),
@@ -255,6 +339,8 @@ async fn start_ingress(
     });
     Ok(Arc::new(Ingress {
         base,
+        addr,
+        idle: std::sync::Mutex::new(Vec::new()),
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .build()?,

@@ -140,15 +140,20 @@ impl CallBook {
     }
 
     /// Stores a new call and indexes it for listing; false if the id already exists.
-    pub async fn create(&self, call: &Call) -> Result<bool, CallBookError> {
-        Ok(self
+    /// Stores a new call; its JSON (what the API shows for it) when created, `None` when
+    /// the id is taken. Handing the JSON back lets the ingress answer without encoding the
+    /// call a second time.
+    pub async fn create(&self, call: &Call) -> Result<Option<Bytes>, CallBookError> {
+        let json = encode(call);
+        let created = self
             .store
             .create_record(
                 &call.id,
-                encode(call),
+                json.clone(),
                 Some(call.created_at.timestamp_millis()),
             )
-            .await?)
+            .await?;
+        Ok(created.then_some(json))
     }
 
     async fn get_versioned(&self, id: &str) -> Result<Option<(Call, u64)>, CallBookError> {

@@ -5,7 +5,8 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use callfleet_core::calls::{wall_time, CallFilter, CallJob};
 use callfleet_core::domain::request::{limits, CallRequest};
@@ -31,8 +32,8 @@ fn unavailable(what: &str, error: impl std::fmt::Display) -> ApiError {
 
 /// A submission that passed validation and has a record.
 enum Accepted {
-    /// New: its job still has to be published.
-    New(Call, Message),
+    /// New: its job still has to be published. Carries the call's JSON as stored.
+    New(Call, Bytes, Message),
     /// The idempotency key named an existing call with the same request.
     Existing(Call),
 }
@@ -84,17 +85,17 @@ impl IngressState {
                 };
             }
         }
-        let created = self
+        let Some(json) = self
             .calls
             .create(&call)
             .await
-            .map_err(|e| unavailable("store", e))?;
-        if !created {
+            .map_err(|e| unavailable("store", e))?
+        else {
             return Err(ApiError::Internal(format!(
                 "call id collision: {}",
                 call.id
             )));
-        }
+        };
         let deliver_at = call
             .scheduled_for
             .map(|due| wall_time(self.clock.as_ref(), due));
@@ -103,7 +104,7 @@ impl IngressState {
             attempt: 1,
         }
         .message(deliver_at);
-        Ok(Accepted::New(call, message))
+        Ok(Accepted::New(call, json, message))
     }
 
     /// The job could not be enqueued: the caller got a 503, so the record must not look
@@ -138,15 +139,20 @@ pub async fn create_call(
     State(state): State<IngressState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Call>), ApiError> {
+) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let request: CallRequest = parse_json(&body_bytes(body)?)?;
     match state.accept(request).await? {
-        Accepted::Existing(call) => Ok((StatusCode::OK, Json(call))),
-        Accepted::New(call, message) => match state.broker.publish(message).await {
+        Accepted::Existing(call) => Ok((StatusCode::OK, Json(call)).into_response()),
+        Accepted::New(call, json, message) => match state.broker.publish(message).await {
             Ok(()) => {
                 metrics::counter!(m::JOBS_ENQUEUED, "queue" => "call_jobs").increment(1);
-                Ok((StatusCode::ACCEPTED, Json(call)))
+                Ok((
+                    StatusCode::ACCEPTED,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    json,
+                )
+                    .into_response())
             }
             Err(e) => {
                 state.abandon(&call).await;
@@ -221,7 +227,7 @@ pub async fn create_batch(
                     error: None,
                 })
             }
-            Ok(Accepted::New(call, message)) => pending.push((index, call, message)),
+            Ok(Accepted::New(call, _, message)) => pending.push((index, call, message)),
             Err(e @ ApiError::Unavailable { .. }) => return Err(e),
             Err(e) => results[index] = Some(error_item(index, &e)),
         }
