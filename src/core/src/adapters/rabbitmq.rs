@@ -24,8 +24,8 @@ use chrono::{TimeZone, Utc};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions, QueuePurgeOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -103,6 +103,38 @@ impl RabbitBroker {
     /// Name of the dead-letter queue.
     pub fn dead_queue_name(&self) -> String {
         self.inner.dead_queue()
+    }
+
+    /// Deletes every queue and exchange under this prefix, messages included: for tests
+    /// and benchmarks, whose unique prefixes would otherwise pile up on the broker.
+    pub async fn delete_topology(&self) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        let mut queues: Vec<String> = WorkQueue::ALL
+            .into_iter()
+            .map(|q| inner.queue_name(q))
+            .collect();
+        queues.push(inner.dead_queue());
+        queues.extend(DELAY_TIERS.into_iter().map(|t| inner.tier_queue(t)));
+        let exchanges = [inner.work_exchange(), inner.dlx()];
+        let result = inner
+            .with_temp_channel(|channel| async move {
+                for queue in &queues {
+                    channel
+                        .queue_delete(s(queue), QueueDeleteOptions::default())
+                        .await
+                        .map_err(unavailable)?;
+                }
+                for exchange in &exchanges {
+                    channel
+                        .exchange_delete(s(exchange), ExchangeDeleteOptions::default())
+                        .await
+                        .map_err(unavailable)?;
+                }
+                Ok(())
+            })
+            .await;
+        inner.invalidate().await;
+        result
     }
 }
 

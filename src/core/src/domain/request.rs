@@ -2,7 +2,7 @@
 //! the clock and the defaults are parameters.
 
 use chrono::{DateTime, Utc};
-use phonenumber::country::Id as CountryId;
+use rlibphonenumber::Region;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -66,7 +66,7 @@ pub struct CallRequest {
 /// What the fleet fills in when a request leaves it out.
 #[derive(Debug, Clone, Default)]
 pub struct CallDefaults {
-    pub region: Option<CountryId>,
+    pub region: Option<Region>,
     pub trunk_id: Option<String>,
 }
 
