@@ -15,13 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use callfleet_core::adapters::{RabbitBroker, RabbitConfig, RedisStore};
-use callfleet_core::calls::{CallBook, SystemClock};
-use callfleet_core::domain::phone::parse_region;
-use callfleet_core::domain::request::CallDefaults;
-use callfleet_core::lifecycle::Readiness;
-use callfleet_core::ports::{Broker, Store, WorkQueue};
-use callfleet_ingress::IngressState;
+use callfleet_core::adapters::{RabbitBroker, RabbitConfig};
+use callfleet_core::ports::WorkQueue;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -30,7 +25,7 @@ use serde_json::json;
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const REDIS: &str = "redis://127.0.0.1:6379";
-const KEY: &str = "bench-key";
+const KEY: &str = "bench-api-key-0123456789";
 /// Rounds of (raw ceiling, ingress) measured back to back.
 const ROUNDS: usize = 3;
 
@@ -176,6 +171,29 @@ struct Ingress {
     http: reqwest::Client,
     /// Idle connections for the open-loop run, which has no fixed number of clients.
     idle: std::sync::Mutex<Vec<RawConnection>>,
+    pid: Option<u32>,
+    process: tokio::sync::Mutex<tokio::process::Child>,
+}
+
+impl Ingress {
+    /// CPU time (user + system) the ingress process has used so far.
+    fn cpu_time(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid?)).ok()?;
+        // Fields after the parenthesised command name; utime and stime are the 12th and
+        // 13th of them, in clock ticks (100 per second on Linux).
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(Duration::from_millis(ticks * 10))
+    }
+
+    /// Stops the process, so nothing publishes into queues about to be deleted.
+    async fn stop(&self) {
+        let mut process = self.process.lock().await;
+        let _ = process.start_kill();
+        let _ = process.wait().await;
+    }
 }
 
 impl Ingress {
@@ -299,7 +317,8 @@ fn rss_peak_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-async fn connect(prefix: &str) -> Result<(Arc<RabbitBroker>, Arc<dyn Store>), Error> {
+/// A broker handle on the run's prefix, to purge and finally delete its queues.
+async fn connect(prefix: &str) -> Result<Arc<RabbitBroker>, Error> {
     let broker = RabbitBroker::connect(RabbitConfig {
         url: AMQP.into(),
         prefix: prefix.into(),
@@ -307,8 +326,7 @@ async fn connect(prefix: &str) -> Result<(Arc<RabbitBroker>, Arc<dyn Store>), Er
         publish_timeout: Duration::from_secs(5),
     })
     .await?;
-    let store = RedisStore::connect(REDIS, prefix, Duration::from_secs(5)).await?;
-    Ok((Arc::new(broker), Arc::new(store)))
+    Ok(Arc::new(broker))
 }
 
 /// Empties the ingress run's job queue, so each round starts as the raw run does.
@@ -343,11 +361,8 @@ async fn clean_up(broker: &RabbitBroker, prefix: &str) -> Result<(), Error> {
     let client = redis::Client::open(REDIS)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let keys: Vec<String> = {
-        let mut iter: redis::AsyncIter<String> = redis::AsyncCommands::scan_match(
-            &mut conn,
-            format!("{prefix}*"),
-        )
-        .await?;
+        let mut iter: redis::AsyncIter<String> =
+            redis::AsyncCommands::scan_match(&mut conn, format!("{prefix}*")).await?;
         let mut keys = Vec::new();
         while let Some(key) = futures::StreamExt::next(&mut iter).await {
             keys.push(key?);
@@ -360,41 +375,64 @@ async fn clean_up(broker: &RabbitBroker, prefix: &str) -> Result<(), Error> {
     Ok(())
 }
 
-async fn start_ingress(
-    broker: Arc<dyn Broker>,
-    store: Arc<dyn Store>,
-    webhook_keys: Vec<(String, secrecy::SecretString)>,
-) -> Result<Arc<Ingress>, Error> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let base = format!("http://{addr}");
-    let state = IngressState {
-        readiness: Readiness {
-            broker: broker.clone(),
-            store: store.clone(),
-            timeout: Duration::from_secs(2),
-        },
-        max_body_bytes: 1 << 20,
-        broker,
-        calls: CallBook::new(store),
-        api_keys: Arc::new(vec![KEY.into()]),
-        webhook_keys: Arc::new(webhook_keys),
-        defaults: CallDefaults {
-            region: parse_region("US").ok(),
-            trunk_id: Some("ST_bench".into()),
-        },
-        clock: Arc::new(SystemClock),
+/// Path of a binary built next to this example (`target/release/<name>`).
+fn sibling_binary(name: &str) -> Result<std::path::PathBuf, Error> {
+    let exe = std::env::current_exe()?;
+    exe.parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join(name))
+        .ok_or_else(|| "no target dir".into())
+}
+
+/// The `callfleet ingress` process, as deployed: its own process, so its CPU is its own.
+async fn start_ingress(prefix: &str) -> Result<Arc<Ingress>, Error> {
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?
     };
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, callfleet_ingress::app(state)).await;
-    });
+    let mut command = tokio::process::Command::new(sibling_binary("callfleet")?);
+    command
+        .arg("ingress")
+        .env("CALLFLEET_BROKER", "rabbitmq")
+        .env("CALLFLEET_STORE", "redis")
+        .env("CALLFLEET_AMQP_URL", AMQP)
+        .env("CALLFLEET_REDIS_URL", REDIS)
+        .env("CALLFLEET_QUEUE_PREFIX", prefix)
+        .env("CALLFLEET_KEY_PREFIX", prefix)
+        .env("CALLFLEET_HTTP_ADDR", addr.to_string())
+        .env("CALLFLEET_API_KEYS", KEY)
+        .env("CALLFLEET_DEFAULT_REGION", "US")
+        .env("LIVEKIT_SIP_TRUNK_ID", "ST_bench")
+        .env("LIVEKIT_API_KEY", "devkey")
+        .env("LIVEKIT_API_SECRET", "secret")
+        .env("CALLFLEET_LOG", "warn")
+        .kill_on_drop(true);
+    let mut process = command.spawn()?;
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = http.get(format!("{base}/readyz")).send().await;
+        if matches!(&ready, Ok(r) if r.status().is_success()) {
+            break;
+        }
+        if let Some(status) = process.try_wait()? {
+            return Err(format!("callfleet ingress exited: {status}").into());
+        }
+        if Instant::now() > deadline {
+            return Err("callfleet ingress not ready after 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok(Arc::new(Ingress {
         base,
         addr,
         idle: std::sync::Mutex::new(Vec::new()),
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .build()?,
+        http,
+        pid: process.id(),
+        process: tokio::sync::Mutex::new(process),
     }))
 }
 
@@ -402,7 +440,7 @@ async fn start_ingress(
 /// the emulator has created every SIP participant.
 async fn end_to_end(workers: usize, calls: usize, latency_ms: u64) -> Result<(), Error> {
     let prefix = format!("bench-e2e-{}", uuid::Uuid::new_v4().simple());
-    let (broker, store) = connect(&prefix).await?;
+    let broker = connect(&prefix).await?;
     let emulator = {
         let mut methods = std::collections::HashMap::new();
         for m in [
@@ -440,12 +478,7 @@ async fn end_to_end(workers: usize, calls: usize, latency_ms: u64) -> Result<(),
         });
         running
     };
-    let ingress = start_ingress(
-        broker.clone(),
-        store,
-        vec![("devkey".into(), "secret".into())],
-    )
-    .await?;
+    let ingress = start_ingress(&prefix).await?;
     let ingress_listener_base = ingress.base.clone();
     emulator
         .emulator
@@ -467,12 +500,7 @@ async fn end_to_end(workers: usize, calls: usize, latency_ms: u64) -> Result<(),
             return Err(format!("batch not fully accepted: {}", answer["rejected"]).into());
         }
     }
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join("callfleet"))
-        .ok_or("no target dir")?;
+    let bin = sibling_binary("callfleet")?;
     let started = Instant::now();
     let mut children = Vec::new();
     for _ in 0..workers {
@@ -531,6 +559,7 @@ async fn end_to_end(workers: usize, calls: usize, latency_ms: u64) -> Result<(),
         let _ = c.wait().await;
     }
     emulator.shutdown().await;
+    ingress.stop().await;
     clean_up(&broker, &prefix).await?;
     Ok(())
 }
@@ -543,8 +572,8 @@ async fn main() -> Result<(), Error> {
     let calls: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2_000);
 
     let prefix = format!("bench-ingress-{}", uuid::Uuid::new_v4().simple());
-    let (broker, store) = connect(&prefix).await?;
-    let ingress = start_ingress(broker.clone(), store, vec![]).await?;
+    let broker = connect(&prefix).await?;
+    let ingress = start_ingress(&prefix).await?;
     // Warm-up: connections, pools, lazily loaded phone metadata.
     let _ = sustained(ingress.clone(), 1, concurrency).await;
     // The broker's confirm rate drifts by a third between runs (its write-ahead log, the
@@ -556,14 +585,22 @@ async fn main() -> Result<(), Error> {
         purge_call_jobs(&broker).await?;
         let ceiling = raw_ceiling(seconds, concurrency).await?;
         purge_call_jobs(&broker).await?;
+        let cpu_before = ingress.cpu_time().unwrap_or_default();
         let (rate, lat, errors) = sustained(ingress.clone(), seconds, concurrency).await;
+        let cpu = ingress
+            .cpu_time()
+            .unwrap_or_default()
+            .saturating_sub(cpu_before);
+        let accepted = (rate * seconds as f64).max(1.0);
         println!(
             "round {round}: raw bare lapin (persistent, confirms, quorum queue, {concurrency} in flight) \
              {ceiling:.0} msg/s; POST /v1/calls ({concurrency} clients) {rate:.0} req/s = {:.2} of it, \
-             p50 {:.2} ms, p99 {:.2} ms, {errors} errors",
+             p50 {:.2} ms, p99 {:.2} ms, {errors} errors; ingress process {:.0}% of a core, {:.0} µs CPU per call",
             rate / ceiling,
             ms(percentile(&lat, 0.5)),
             ms(percentile(&lat, 0.99)),
+            100.0 * cpu.as_secs_f64() / seconds as f64,
+            cpu.as_secs_f64() * 1e6 / accepted,
         );
         rounds.push((rate / ceiling, rate, ceiling));
         best_latencies = lat;
@@ -584,6 +621,7 @@ async fn main() -> Result<(), Error> {
         ms(percentile(&lat, 0.5)),
         ms(percentile(&lat, 0.99)),
     );
+    ingress.stop().await;
     clean_up(&broker, &prefix).await?;
     for workers in [1, 2] {
         end_to_end(workers, calls, 20).await?;

@@ -55,10 +55,27 @@ pub enum LogFormat {
     Json,
 }
 
+/// The operator's filter, plus a quiet default for lapin's returned-message warning: it
+/// prints the whole message, and a call job's body carries phone numbers that logs must
+/// not. callfleet reports an unroutable publish itself, without the body.
+fn log_directives(filter: &str) -> String {
+    let filter = if filter.trim().is_empty() {
+        "info"
+    } else {
+        filter
+    };
+    if filter.contains("lapin::returned_messages") {
+        filter.to_owned()
+    } else {
+        format!("{filter},lapin::returned_messages=error")
+    }
+}
+
 /// Initialises tracing from `filter` (an `EnvFilter` directive such as `info,callfleet=debug`).
 /// Calling it twice is harmless (tests).
 pub fn init_tracing(format: LogFormat, filter: &str) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_new(log_directives(filter)).unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
         LogFormat::Json => registry
@@ -66,4 +83,23 @@ pub fn init_tracing(format: LogFormat, filter: &str) {
             .try_init(),
         LogFormat::Text => registry.with(fmt::layer().compact()).try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn returned_message_bodies_stay_out_of_logs_unless_asked_for() {
+        assert_eq!(
+            log_directives("warn"),
+            "warn,lapin::returned_messages=error"
+        );
+        assert_eq!(log_directives(""), "info,lapin::returned_messages=error");
+        assert_eq!(
+            log_directives("info,lapin::returned_messages=warn"),
+            "info,lapin::returned_messages=warn"
+        );
+        assert!(EnvFilter::try_new(log_directives("debug")).is_ok());
+    }
 }

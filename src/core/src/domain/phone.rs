@@ -149,6 +149,9 @@ mod tests {
         assert!(parse_region("XX").is_err());
         assert!(parse_region("ZZ").is_err());
         assert!(parse_region("USA").is_err());
-        assert!(parse_region(" de ").is_ok(), "lower case and padding are accepted");
+        assert!(
+            parse_region(" de ").is_ok(),
+            "lower case and padding are accepted"
+        );
     }
 }
