@@ -139,19 +139,7 @@ pub async fn poison_message_is_dead_lettered_after_the_limit(broker: Arc<dyn Bro
         deliveries >= limit,
         "only {deliveries} deliveries before dead-lettering"
     );
-    let dead = eventually(
-        "the poison message in the dead-letter queue",
-        WAIT,
-        || async {
-            broker
-                .list_dead_letters(10)
-                .await
-                .ok()?
-                .into_iter()
-                .find(|d| d.message_id == msg.id)
-        },
-    )
-    .await;
+    let dead = crate::harness::dead_letter_of(broker.as_ref(), &msg.id, WAIT).await;
     assert!(
         dead.reason.contains("delivery_limit"),
         "reason was {:?}",

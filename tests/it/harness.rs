@@ -88,6 +88,23 @@ where
     }
 }
 
+/// Waits until message `id` is in the dead-letter queue, and returns its entry.
+pub async fn dead_letter_of(broker: &dyn Broker, id: &str, timeout: Duration) -> DeadLetter {
+    eventually(
+        &format!("message {id} in the dead-letter queue"),
+        timeout,
+        || async {
+            broker
+                .list_dead_letters(10)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|d| d.message_id == id)
+        },
+    )
+    .await
+}
+
 /// Deletes a test's RabbitMQ queues and exchanges (best effort) so runs do not pile up.
 pub async fn cleanup_rabbit(prefix: &str) {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};

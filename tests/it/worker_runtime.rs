@@ -66,19 +66,8 @@ async fn retries_are_bounded_then_dead_lettered_with_history() {
     let task = spawn_runtime(&broker, h.clone(), &stop, Duration::from_secs(5));
     let msg = Message::new(WorkQueue::CallJobs, &b"job"[..]);
     broker.publish(msg.clone()).await.expect("publish");
-    let dead = eventually(
-        "the job in the dead-letter queue",
-        Duration::from_secs(10),
-        || async {
-            broker
-                .list_dead_letters(10)
-                .await
-                .ok()?
-                .into_iter()
-                .find(|d| d.message_id == msg.id)
-        },
-    )
-    .await;
+    let dead =
+        crate::harness::dead_letter_of(broker.as_ref(), &msg.id, Duration::from_secs(10)).await;
     assert_eq!(h.calls.load(Ordering::SeqCst), 3, "exactly max attempts");
     assert!(
         dead.reason

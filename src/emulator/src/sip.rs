@@ -75,53 +75,44 @@ pub fn sip_failure(code: u16) -> (&'static str, proto::DisconnectReason) {
     }
 }
 
-fn reason_phrase(code: u16) -> (&'static str, &'static str) {
+/// The reason phrase of a final SIP status ("" for one without a common phrase).
+fn reason_phrase(code: u16) -> &'static str {
     match code {
-        400 => ("Bad Request", "SIP_STATUS_BAD_REQUEST"),
-        401 => ("Unauthorized", "SIP_STATUS_UNAUTHORIZED"),
-        403 => ("Forbidden", "SIP_STATUS_FORBIDDEN"),
-        404 => ("Not Found", "SIP_STATUS_NOTFOUND"),
-        408 => ("Request Timeout", "SIP_STATUS_REQUEST_TIMEOUT"),
-        480 => (
-            "Temporarily Unavailable",
-            "SIP_STATUS_TEMPORARILY_UNAVAILABLE",
-        ),
-        486 => ("Busy Here", "SIP_STATUS_BUSY_HERE"),
-        487 => ("Request Terminated", "SIP_STATUS_REQUEST_TERMINATED"),
-        500 => ("Internal Server Error", "SIP_STATUS_INTERNAL_SERVER_ERROR"),
-        502 => ("Bad Gateway", "SIP_STATUS_BAD_GATEWAY"),
-        503 => ("Service Unavailable", "SIP_STATUS_SERVICE_UNAVAILABLE"),
-        504 => ("Gateway Timeout", "SIP_STATUS_GATEWAY_TIMEOUT"),
-        600 => ("Busy Everywhere", "SIP_STATUS_GLOBAL_BUSY_EVERYWHERE"),
-        603 => ("Decline", "SIP_STATUS_GLOBAL_DECLINE"),
-        604 => (
-            "Does Not Exist Anywhere",
-            "SIP_STATUS_GLOBAL_DOES_NOT_EXIST_ANYWHERE",
-        ),
-        _ => ("", "SIP_STATUS_UNKNOWN"),
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        480 => "Temporarily Unavailable",
+        486 => "Busy Here",
+        487 => "Request Terminated",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        600 => "Busy Everywhere",
+        603 => "Decline",
+        604 => "Does Not Exist Anywhere",
+        _ => "",
     }
 }
 
 /// The Twirp error LiveKit returns for a final SIP status.
 pub fn sip_error(code: u16, status_text: Option<&str>) -> TwirpError {
     let (twirp, _) = sip_failure(code);
-    let (phrase, enum_name) = reason_phrase(code);
-    let status = status_text.map(str::to_owned).unwrap_or_else(|| {
-        if phrase.is_empty() {
-            enum_name.to_owned()
-        } else {
-            phrase.to_owned()
-        }
-    });
+    let phrase = reason_phrase(code);
+    // LiveKit's own name for the status, from its protocol enum.
+    let enum_name = proto::SipStatusCode::try_from(i32::from(code))
+        .map(|c| c.as_str_name())
+        .unwrap_or("SIP_STATUS_UNKNOWN");
+    let shown = if phrase.is_empty() { enum_name } else { phrase };
+    let status = status_text.unwrap_or(shown).to_owned();
     let mut meta = HashMap::new();
     meta.insert("sip_status_code".to_owned(), code.to_string());
     meta.insert("sip_status".to_owned(), status);
     TwirpError {
         code: twirp.to_owned(),
-        msg: format!(
-            "twirp error unknown: sip status: {code}: {}",
-            if phrase.is_empty() { enum_name } else { phrase }
-        ),
+        msg: format!("twirp error unknown: sip status: {code}: {shown}"),
         meta,
     }
 }
