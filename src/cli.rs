@@ -176,6 +176,7 @@ fn worker_runtime(
         worker.concurrency,
         worker.max_job_attempts,
     )
+    .with_delivery_limit(backends.delivery_limit)
     .with_handler(Arc::new(OutboundCallHandler::new(deps.clone())))
     .with_handler(Arc::new(WebhookEventHandler::new(deps)))
 }

@@ -235,6 +235,87 @@ pub async fn prefetch_bounds_unacked(broker: Arc<dyn Broker>) {
     c.ack().await.expect("ack");
 }
 
+/// Every queue's ready messages, all zero except the named ones.
+pub async fn assert_census(broker: &dyn Broker, expected: &[(&str, u64)]) {
+    let census = broker.census().await.expect("census");
+    for (queue, held) in &census {
+        let want = expected
+            .iter()
+            .find(|(q, _)| q == queue)
+            .map_or(0, |(_, n)| *n);
+        assert_eq!(
+            *held, want,
+            "queue {queue} holds {held} messages, expected {want}; census {census:?}"
+        );
+    }
+}
+
+/// Delays that go through the short tiers, hops included (the long tiers are checked on
+/// RabbitMQ with per-message expiry: nobody waits a day in a test).
+const DELAYS_MS: [i64; 4] = [0, 150, 1_300, 5_200];
+
+/// N messages per queue kind and per delay arrive exactly once each, on their own queue
+/// only, and leave nothing behind anywhere: no copies, no strays, no dead letters.
+pub async fn each_message_reaches_only_its_own_queue(broker: Arc<dyn Broker>) {
+    const N: usize = 8;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut consumers = Vec::new();
+    for queue in WorkQueue::ALL {
+        let mut sub = broker.subscribe(queue, 16).await.expect("subscribe");
+        let tx = tx.clone();
+        consumers.push(tokio::spawn(async move {
+            while let Some(d) = sub.next().await {
+                let _ = tx.send((queue, d.queue, d.message.queue, d.message.id.clone()));
+                d.ack().await.expect("ack");
+            }
+        }));
+    }
+    let mut sent = std::collections::HashMap::new();
+    for queue in WorkQueue::ALL {
+        for delay in DELAYS_MS {
+            for i in 0..N {
+                let mut msg = Message::new(queue, format!("{{\"i\":{i}}}").into_bytes());
+                if delay > 0 {
+                    msg = msg.deliver_at(Utc::now() + chrono::Duration::milliseconds(delay));
+                }
+                broker.publish(msg.clone()).await.expect("publish");
+                sent.insert(msg.id.clone(), queue);
+            }
+        }
+    }
+    let mut seen = std::collections::HashMap::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    // Everything expected, then a quiet second and a half in which copies would show.
+    while seen.len() < sent.len() || tokio::time::Instant::now() < deadline {
+        let wait = if seen.len() < sent.len() {
+            deadline.saturating_duration_since(tokio::time::Instant::now())
+        } else {
+            Duration::from_millis(1_500)
+        };
+        match tokio::time::timeout(wait, rx.recv()).await {
+            Ok(Some((subscribed, consumed, published_for, id))) => {
+                let want = sent.get(&id).copied();
+                assert_eq!(want, Some(published_for), "an unknown message {id}");
+                assert_eq!(consumed, subscribed, "delivery names another queue");
+                assert_eq!(
+                    consumed, published_for,
+                    "a {published_for} message arrived on {consumed}"
+                );
+                *seen.entry(id).or_insert(0u32) += 1;
+            }
+            Ok(None) => panic!("consumers ended"),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(seen.len(), sent.len(), "messages missing");
+    let copies: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(copies.is_empty(), "delivered more than once: {copies:?}");
+    for c in consumers {
+        c.abort();
+    }
+    assert_census(broker.as_ref(), &[]).await;
+}
+
 macro_rules! conformance {
     ($($name:ident $(($arg:expr))?),* $(,)?) => {
         mod memory {
@@ -267,10 +348,14 @@ conformance!(
     dead_letters_list_replay_purge,
     publish_many_confirms_each,
     prefetch_bounds_unacked,
+    each_message_reaches_only_its_own_queue,
 );
 
 mod rabbitmq_only {
     use std::time::{Duration, Instant};
+
+    use lapin::options::{BasicPublishOptions, QueueBindOptions};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
 
     use callfleet_core::adapters::{RabbitBroker, RabbitConfig};
     use callfleet_core::ports::{Broker, Message, WorkQueue};
@@ -401,6 +486,129 @@ mod rabbitmq_only {
             seen.contains(&before.id) && seen.contains(&after.id),
             "no message lost: {seen:?}"
         );
+        cleanup_rabbit(&prefix).await;
+    }
+
+    fn text(v: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
+    }
+
+    async fn raw_channel() -> (lapin::Connection, lapin::Channel) {
+        let conn = lapin::Connection::connect(
+            &crate::harness::amqp_url(),
+            lapin::ConnectionProperties::default(),
+        )
+        .await
+        .expect("RabbitMQ reachable");
+        let ch = conn.create_channel().await.expect("channel");
+        ch.confirm_select(Default::default()).await.expect("confirms");
+        (conn, ch)
+    }
+
+    /// Every delay tier, the day-long ones included, hands each message back to its own
+    /// work queue only. Messages are put straight into each tier with a 20 ms per-message
+    /// expiry, which dead-letters them exactly as the tier's own TTL would.
+    #[tokio::test]
+    async fn every_delay_tier_returns_messages_to_their_own_queue_only() {
+        const N: u64 = 5;
+        let (broker, prefix) = rabbit_broker("tiers", 3).await;
+        let (conn, ch) = raw_channel().await;
+        let tiers = callfleet_core::domain::delay::DELAY_TIERS;
+        for tier in tiers {
+            let tier_queue = format!(
+                "{prefix}.delay.{}",
+                callfleet_core::domain::delay::tier_name(tier)
+            );
+            for queue in WorkQueue::ALL {
+                for _ in 0..N {
+                    let mut headers = FieldTable::default();
+                    headers.insert("x-callfleet-queue".into(), text(queue.as_str()));
+                    let props = lapin::BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_expiration("20".into())
+                        .with_message_id(uuid::Uuid::new_v4().to_string().as_str().into())
+                        .with_headers(headers);
+                    ch.basic_publish(
+                        "".into(),
+                        tier_queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        b"{}",
+                        props,
+                    )
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("confirm");
+                }
+            }
+        }
+        let per_queue = N * tiers.len() as u64;
+        crate::harness::eventually("every tier to expire", Duration::from_secs(20), || async {
+            let census = broker.census().await.ok()?;
+            WorkQueue::ALL
+                .iter()
+                .all(|q| census.get(q.as_str()) >= Some(&per_queue))
+                .then_some(())
+        })
+        .await;
+        // Copies would arrive within the same expiry; give them a moment to show.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        super::assert_census(
+            broker.as_ref(),
+            &[
+                ("call_jobs", per_queue),
+                ("webhook_events", per_queue),
+                ("control", per_queue),
+            ],
+        )
+        .await;
+        let _ = conn.close(200, "done".into()).await;
+        cleanup_rabbit(&prefix).await;
+    }
+
+    /// A broker that still has the bindings of a version that fanned out (`x-match: all`
+    /// on an `x-` header, which RabbitMQ ignores) stops fanning out once this version
+    /// connects: the old bindings are removed.
+    #[tokio::test]
+    async fn bindings_left_by_an_earlier_version_stop_fanning_out() {
+        let (first, prefix) = rabbit_broker("legacy", 3).await;
+        let (conn, ch) = raw_channel().await;
+        for queue in WorkQueue::ALL {
+            let mut bind = FieldTable::default();
+            bind.insert("x-match".into(), text("all"));
+            bind.insert("x-callfleet-queue".into(), text(queue.as_str()));
+            ch.queue_bind(
+                first.queue_name(queue).as_str().into(),
+                format!("{prefix}.work").as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                bind,
+            )
+            .await
+            .expect("legacy binding");
+        }
+        let _ = conn.close(200, "done".into()).await;
+        drop(first);
+        // The new version starts on the same broker.
+        let broker = RabbitBroker::connect(RabbitConfig {
+            url: crate::harness::amqp_url(),
+            prefix: prefix.clone(),
+            delivery_limit: 3,
+            publish_timeout: Duration::from_secs(5),
+        })
+        .await
+        .expect("connect over the old topology");
+        let due = chrono::Utc::now() + chrono::Duration::milliseconds(150);
+        broker
+            .publish(Message::new(WorkQueue::WebhookEvents, &b"{}"[..]).deliver_at(due))
+            .await
+            .expect("publish delayed");
+        crate::harness::eventually("the delayed message", Duration::from_secs(10), || async {
+            (broker.census().await.ok()?.get("webhook_events") == Some(&1)).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        super::assert_census(&broker, &[("webhook_events", 1)]).await;
         cleanup_rabbit(&prefix).await;
     }
 }

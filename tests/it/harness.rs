@@ -173,6 +173,9 @@ impl Broker for DownBroker {
     async fn queue_depth(&self, _: WorkQueue) -> Result<u64, BrokerError> {
         Err(BrokerError::Unavailable("down".into()))
     }
+    async fn census(&self) -> Result<std::collections::BTreeMap<String, u64>, BrokerError> {
+        Err(BrokerError::Unavailable("down".into()))
+    }
     async fn ping(&self) -> Result<(), BrokerError> {
         Err(BrokerError::Unavailable("down".into()))
     }

@@ -131,14 +131,20 @@ async fn shutdown_finishes_in_flight_work_within_the_deadline() {
     .await;
     stop.cancel();
     task.await.expect("join").expect("clean stop");
-    assert_eq!(
-        broker
-            .queue_depth(WorkQueue::CallJobs)
+    // Acked, not handed back: a new consumer gets nothing (an unacked delivery would come
+    // back once the stopped runtime's subscription is gone; depth alone cannot tell).
+    let mut sub = broker
+        .subscribe(WorkQueue::CallJobs, 1)
+        .await
+        .expect("subscribe");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), sub.next())
             .await
-            .expect("depth"),
-        0,
-        "finished and acked, not handed back"
+            .is_err(),
+        "the finished job was handed back instead of acked"
     );
+    assert_eq!(h.calls.load(Ordering::SeqCst), 1);
+    crate::broker_conformance::assert_census(broker.as_ref(), &[]).await;
 }
 
 #[tokio::test]
@@ -170,4 +176,110 @@ async fn shutdown_hands_back_work_that_outlives_the_deadline() {
         .expect("open");
     assert_eq!(again.message.id, msg.id);
     assert!(again.redeliveries >= 1);
+}
+
+/// Serves the webhook queue and counts what it is handed.
+struct WebhookCounter(AtomicU32);
+
+#[async_trait]
+impl Handler for WebhookCounter {
+    fn queue(&self) -> WorkQueue {
+        WorkQueue::WebhookEvents
+    }
+    async fn handle(&self, _: &Message, _: u32) -> HandlerOutcome {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        HandlerOutcome::Done
+    }
+}
+
+/// A call job that reaches the webhook queue (broken routing) is never handed to the
+/// webhook handler: it is dead-lettered with a reason that says so, and counted.
+#[tokio::test]
+async fn a_message_on_the_wrong_queue_is_dead_lettered_not_handled() {
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let (rabbit, prefix) = crate::harness::rabbit_broker("misrouted", 5).await;
+    let broker: Arc<dyn Broker> = rabbit.clone();
+    let conn = lapin::Connection::connect(
+        &crate::harness::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("RabbitMQ reachable");
+    let ch = conn.create_channel().await.expect("channel");
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-callfleet-queue".into(),
+        AMQPValue::LongString(LongString::from(b"call_jobs".to_vec())),
+    );
+    ch.basic_publish(
+        "".into(),
+        rabbit.queue_name(WorkQueue::WebhookEvents).as_str().into(),
+        Default::default(),
+        b"{\"call_id\":\"call_x\",\"attempt\":1}",
+        lapin::BasicProperties::default()
+            .with_message_id("stray-1".into())
+            .with_headers(headers),
+    )
+    .await
+    .expect("publish");
+    let counter = Arc::new(WebhookCounter(AtomicU32::new(0)));
+    let stop = CancellationToken::new();
+    let runtime = WorkerRuntime::new(Arc::clone(&broker), 4, 4, 3).with_handler(counter.clone());
+    let task = tokio::spawn(runtime.run(stop.clone(), Duration::from_secs(5)));
+    let dead = crate::harness::dead_letter_of(broker.as_ref(), "stray-1", Duration::from_secs(10)).await;
+    assert!(
+        dead.reason.contains("misrouted") && dead.reason.contains("call_jobs"),
+        "{}",
+        dead.reason
+    );
+    assert_eq!(counter.0.load(Ordering::SeqCst), 0, "the webhook handler ran a call job");
+    stop.cancel();
+    task.await.expect("join").expect("clean stop");
+    crate::broker_conformance::assert_census(broker.as_ref(), &[("dead", 1)]).await;
+    let _ = conn.close(200, "done".into()).await;
+    crate::harness::cleanup_rabbit(&prefix).await;
+}
+
+/// A job whose worker dies every time (here: it never answers, and its runtime is
+/// stopped) is parked by the runtime once it reaches the delivery limit, with a reason,
+/// on both brokers alike.
+async fn a_message_that_keeps_coming_back_is_parked_at_the_limit(broker: Arc<dyn Broker>) {
+    let msg = Message::new(WorkQueue::CallJobs, &b"crashes"[..]);
+    broker.publish(msg.clone()).await.expect("publish");
+    let limit = 3;
+    for round in 0..=limit {
+        let h = handler(|_| HandlerOutcome::Done, Duration::from_secs(30));
+        let stop = CancellationToken::new();
+        let runtime = WorkerRuntime::new(Arc::clone(&broker), 4, 4, 3)
+            .with_delivery_limit(limit)
+            .with_handler(h.clone());
+        let task = tokio::spawn(runtime.run(stop.clone(), Duration::from_millis(50)));
+        if round < limit {
+            eventually("the job to start", Duration::from_secs(10), || async {
+                (h.calls.load(Ordering::SeqCst) == 1).then_some(())
+            })
+            .await;
+        } else {
+            let dead =
+                crate::harness::dead_letter_of(broker.as_ref(), &msg.id, Duration::from_secs(10))
+                    .await;
+            assert!(dead.reason.contains("delivery limit"), "{}", dead.reason);
+            assert_eq!(h.calls.load(Ordering::SeqCst), 0, "handled past the limit");
+        }
+        stop.cancel();
+        task.await.expect("join").expect("clean stop");
+    }
+    crate::broker_conformance::assert_census(broker.as_ref(), &[("dead", 1)]).await;
+}
+
+#[tokio::test]
+async fn delivery_limit_memory() {
+    a_message_that_keeps_coming_back_is_parked_at_the_limit(memory_broker(3)).await;
+}
+
+#[tokio::test]
+async fn delivery_limit_rabbitmq() {
+    let (broker, prefix) = crate::harness::rabbit_broker("limit", 3).await;
+    a_message_that_keeps_coming_back_is_parked_at_the_limit(broker).await;
+    crate::harness::cleanup_rabbit(&prefix).await;
 }

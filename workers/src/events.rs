@@ -201,25 +201,29 @@ impl Handler for WebhookEventHandler {
             Ok(e) => e,
             Err(reason) => return HandlerOutcome::DeadLetter { reason },
         };
-        let seen_key = format!("wh:{}", event.dedupe_id(&message.body));
-        let store = self.deps.calls.store();
-        match store.first_seen(&seen_key, DEDUPE_TTL).await {
-            Ok(true) => {}
-            Ok(false) => {
-                metrics::counter!(m::WEBHOOKS, "result" => "duplicate", "reason" => "event_id")
-                    .increment(1);
-                return HandlerOutcome::Done;
-            }
-            Err(e) => return InfraError::from(e).retry(),
-        }
+        // Applying is idempotent (states only move forward; each event names its attempt
+        // or room instance), so the event is applied first and marked seen after: a worker
+        // that dies in between leaves no mark, and the redelivery is applied, not dropped
+        // as a duplicate. The mark only tells the metrics what was a repeat.
         match self.apply(&event).await {
             Ok(result) => {
-                metrics::counter!(m::WEBHOOKS, "result" => result, "reason" => "none").increment(1);
+                let seen_key = format!("wh:{}", event.dedupe_id(&message.body));
+                let first = match self.deps.calls.store().first_seen(&seen_key, DEDUPE_TTL).await {
+                    Ok(first) => first,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "webhook event applied but not marked seen");
+                        true
+                    }
+                };
+                let (result, reason) = if first {
+                    (result, "none")
+                } else {
+                    ("duplicate", "event_id")
+                };
+                metrics::counter!(m::WEBHOOKS, "result" => result, "reason" => reason).increment(1);
                 HandlerOutcome::Done
             }
             Err(e) => {
-                // Not handled: forget the mark so the retry is not taken for a duplicate.
-                let _ = store.forget_seen(&seen_key).await;
                 tracing::warn!(event = %event.event, error = %e, "webhook event not applied; retrying");
                 e.retry()
             }

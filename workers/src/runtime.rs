@@ -46,6 +46,9 @@ pub trait Handler: Send + Sync + 'static {
 /// How often a worker samples the depth of the queues it consumes.
 const DEPTH_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
+/// The delivery limit when none is configured (`CALLFLEET_DELIVERY_LIMIT`'s default).
+const DEFAULT_DELIVERY_LIMIT: u32 = 10;
+
 /// Header counting broker-delayed retries of one job.
 pub const RETRY_HEADER: &str = "x-callfleet-retry";
 
@@ -55,6 +58,7 @@ pub struct WorkerRuntime {
     prefetch: u16,
     concurrency: usize,
     max_retries: u32,
+    delivery_limit: u32,
 }
 
 impl WorkerRuntime {
@@ -70,7 +74,15 @@ impl WorkerRuntime {
             prefetch,
             concurrency,
             max_retries,
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
         }
+    }
+
+    /// Deliveries after which a message that keeps coming back (its worker crashed or
+    /// was stopped each time) is parked instead of handled again: the broker's own limit.
+    pub fn with_delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = limit.max(1);
+        self
     }
 
     pub fn with_handler(mut self, handler: Arc<dyn Handler>) -> Self {
@@ -161,9 +173,9 @@ impl WorkerRuntime {
                         break;
                     };
                     let broker = Arc::clone(&self.broker);
-                    let max_retries = self.max_retries;
+                    let limits = Limits { max_retries: self.max_retries, delivery_limit: self.delivery_limit };
                     jobs.spawn(async move {
-                        run_one(broker, handler, delivery, max_retries).await;
+                        run_one(broker, handler, delivery, limits).await;
                         drop(permit);
                     });
                 }
@@ -202,13 +214,85 @@ pub fn retry_delay(retry: u32) -> Duration {
     Duration::from_millis((exp.as_millis() as f64 * (0.5 + 0.5 * jitter)) as u64)
 }
 
+#[derive(Clone, Copy)]
+struct Limits {
+    max_retries: u32,
+    delivery_limit: u32,
+}
+
+/// Why a delivery is parked before any handler sees it.
+fn refuse(delivery: &Delivery, handler: &dyn Handler, limits: Limits) -> Option<String> {
+    let expected = handler.queue();
+    if delivery.queue != expected || delivery.message.queue != expected {
+        // Broken routing, never work: a handler must not run a message it is not for.
+        metrics::counter!(m::MISROUTED, "queue" => delivery.queue.as_str()).increment(1);
+        tracing::error!(
+            queue = delivery.queue.as_str(),
+            published_for = delivery.message.queue.as_str(),
+            message_id = %delivery.message.id,
+            "message delivered to a queue it was not published for; dead-lettering it"
+        );
+        return Some(format!(
+            "misrouted: a {} message arrived on the {} queue",
+            delivery.message.queue, delivery.queue
+        ));
+    }
+    if delivery.redeliveries >= limits.delivery_limit {
+        tracing::error!(
+            queue = delivery.queue.as_str(),
+            message_id = %delivery.message.id,
+            redeliveries = delivery.redeliveries,
+            "message keeps coming back unfinished; dead-lettering it"
+        );
+        return Some(format!(
+            "delivery limit: delivered {} times without being settled",
+            delivery.redeliveries + 1
+        ));
+    }
+    None
+}
+
+/// Parks `message` in the dead-letter queue. The one place dead letters are counted, the
+/// same for every broker.
+async fn park(
+    broker: &dyn Broker,
+    queue: WorkQueue,
+    message: Message,
+    kind: &'static str,
+    reason: &str,
+) -> Result<(), callfleet_core::ports::BrokerError> {
+    broker.dead_letter(message, reason).await?;
+    metrics::counter!(m::DEAD_LETTERS, "queue" => queue.as_str(), "reason" => kind).increment(1);
+    Ok(())
+}
+
 async fn run_one(
     broker: Arc<dyn Broker>,
     handler: Arc<dyn Handler>,
     delivery: Delivery,
-    max_retries: u32,
+    limits: Limits,
 ) {
-    let queue = handler.queue();
+    let queue = delivery.queue;
+    if let Some(reason) = refuse(&delivery, handler.as_ref(), limits) {
+        let kind = if reason.starts_with("misrouted") {
+            "misrouted"
+        } else {
+            "delivery_limit"
+        };
+        let result = match park(broker.as_ref(), queue, delivery.message.clone(), kind, &reason).await {
+            Ok(()) => {
+                if kind == "delivery_limit" {
+                    handler.dead_lettered(&delivery.message, &reason).await;
+                }
+                delivery.ack().await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(queue = queue.as_str(), error = %e, "could not park a refused delivery; it will be redelivered");
+        }
+        return;
+    }
     let started = Instant::now();
     metrics::gauge!(m::INFLIGHT_JOBS, "queue" => queue.as_str()).increment(1.0);
     let outcome =
@@ -253,10 +337,9 @@ async fn run_one(
                 reason
             );
             next.headers.insert(headers::ATTEMPTS.into(), history);
-            if retries + 1 >= max_retries {
-                metrics::counter!(m::DEAD_LETTERS, "queue" => queue.as_str(), "reason" => "retries_exhausted").increment(1);
+            if retries + 1 >= limits.max_retries {
                 let reason = format!("retries exhausted: {reason}");
-                match broker.dead_letter(next, &reason).await {
+                match park(broker.as_ref(), queue, next, "retries_exhausted", &reason).await {
                     Ok(()) => {
                         handler.dead_lettered(&delivery.message, &reason).await;
                         delivery.ack().await
@@ -277,9 +360,7 @@ async fn run_one(
             }
         }
         HandlerOutcome::DeadLetter { reason } => {
-            metrics::counter!(m::DEAD_LETTERS, "queue" => queue.as_str(), "reason" => "handler")
-                .increment(1);
-            match broker.dead_letter(delivery.message.clone(), &reason).await {
+            match park(broker.as_ref(), queue, delivery.message.clone(), "handler", &reason).await {
                 Ok(()) => {
                     handler.dead_lettered(&delivery.message, &reason).await;
                     delivery.ack().await

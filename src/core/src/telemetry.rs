@@ -27,6 +27,10 @@ pub mod metrics {
     pub const ACTIVE_CALLS: &str = "callfleet_active_calls";
     pub const ROUTING_DECISIONS: &str = "callfleet_routing_decisions_total";
     pub const INFLIGHT_JOBS: &str = "callfleet_inflight_jobs";
+    /// Messages that arrived on a queue they were not published for (a routing bug).
+    pub const MISROUTED: &str = "callfleet_misrouted_messages_total";
+    /// Stuck calls the sweeper found, by state and what it did.
+    pub const SWEEPER_REPAIRS: &str = "callfleet_sweeper_repairs_total";
 }
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

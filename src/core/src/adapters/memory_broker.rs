@@ -3,7 +3,8 @@
 //! and a dead-letter queue. Used by dev mode and unit tests; held to the same conformance
 //! suite as the RabbitMQ adapter.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -25,6 +26,8 @@ struct Inner {
     state: Mutex<State>,
     notify: HashMap<WorkQueue, Notify>,
     delivery_limit: u32,
+    /// Messages waiting for their due time.
+    delayed: AtomicU64,
 }
 
 #[derive(Default)]
@@ -58,6 +61,7 @@ impl MemoryBroker {
                     .map(|q| (q, Notify::new()))
                     .collect(),
                 delivery_limit,
+                delayed: AtomicU64::new(0),
             }),
         }
     }
@@ -87,8 +91,8 @@ impl Inner {
     /// Returns an unacked message to its queue, or dead-letters it past the limit.
     fn hand_back_locked(&self, state: &mut State, queue: WorkQueue, mut stored: Stored) {
         stored.redeliveries += 1;
-        if stored.redeliveries >= self.delivery_limit {
-            metrics::counter!(crate::telemetry::metrics::DEAD_LETTERS, "queue" => queue.as_str(), "reason" => "delivery_limit").increment(1);
+        // Returned more than `limit` times, as RabbitMQ counts: a backstop behind the runtime.
+        if stored.redeliveries > self.delivery_limit {
             Self::dead_letter_locked(state, stored.message, "delivery_limit");
         } else {
             state
@@ -121,9 +125,11 @@ impl Inner {
         match message.deliver_at.filter(|at| *at > Utc::now()) {
             Some(due) => {
                 let inner = Arc::clone(self);
+                inner.delayed.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     tokio::time::sleep((due - Utc::now()).to_std().unwrap_or_default()).await;
                     inner.push_ready(message).await;
+                    inner.delayed.fetch_sub(1, Ordering::SeqCst);
                 });
             }
             None => self.push_ready(message).await,
@@ -249,6 +255,7 @@ impl Broker for MemoryBroker {
                     break;
                 };
                 let delivery = Delivery {
+                    queue,
                     message,
                     redeliveries,
                     acker: Box::new(MemoryAcker {
@@ -287,7 +294,6 @@ impl Broker for MemoryBroker {
     }
 
     async fn dead_letter(&self, message: Message, reason: &str) -> Result<(), BrokerError> {
-        metrics::counter!(crate::telemetry::metrics::DEAD_LETTERS, "queue" => message.queue.as_str(), "reason" => "handler").increment(1);
         let mut state = self.inner.state.lock().await;
         Inner::dead_letter_locked(&mut state, message, reason);
         Ok(())
@@ -348,6 +354,23 @@ impl Broker for MemoryBroker {
     async fn queue_depth(&self, queue: WorkQueue) -> Result<u64, BrokerError> {
         let state = self.inner.state.lock().await;
         Ok(state.queues.get(&queue).map_or(0, |q| q.ready.len() as u64))
+    }
+
+    async fn census(&self) -> Result<BTreeMap<String, u64>, BrokerError> {
+        let state = self.inner.state.lock().await;
+        let mut out: BTreeMap<String, u64> = WorkQueue::ALL
+            .into_iter()
+            .map(|q| {
+                let held = state
+                    .queues
+                    .get(&q)
+                    .map_or(0, |qs| qs.ready.len() as u64);
+                (q.as_str().to_owned(), held)
+            })
+            .collect();
+        out.insert("delay".into(), self.inner.delayed.load(Ordering::SeqCst));
+        out.insert("dead".into(), state.dead.len() as u64);
+        Ok(out)
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

@@ -24,6 +24,8 @@ pub use redis_store::RedisStore;
 pub struct Backends {
     pub broker: Arc<dyn Broker>,
     pub store: Arc<dyn Store>,
+    /// Deliveries of one message before it is parked (the broker's limit).
+    pub delivery_limit: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,10 @@ impl Backends {
                 .await?,
             ),
         };
-        Ok(Self { broker, store })
+        Ok(Self {
+            broker,
+            store,
+            delivery_limit: config.delivery_limit,
+        })
     }
 }

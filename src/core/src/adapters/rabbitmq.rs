@@ -42,6 +42,18 @@ use crate::telemetry::metrics as m;
 
 /// Header the work exchange routes on.
 const ROUTE_HEADER: &str = "x-callfleet-queue";
+/// Match mode of the work exchange's bindings. Plain `all` would ignore our `x-` header
+/// and match everything; `all-with-x` (RabbitMQ 3.10+) compares it, so RabbitMQ itself
+/// sends each message to exactly one queue.
+const ROUTE_MATCH: &str = "all-with-x";
+
+/// The work exchange's binding for `queue`.
+fn route_binding(queue: WorkQueue, mode: &str) -> FieldTable {
+    let mut bind = FieldTable::default();
+    bind.insert(s("x-match"), long(mode));
+    bind.insert(s(ROUTE_HEADER), long(queue.as_str()));
+    bind
+}
 
 /// RabbitMQ settings.
 #[derive(Debug, Clone)]
@@ -229,6 +241,8 @@ impl Inner {
         for queue in WorkQueue::ALL {
             let mut args = FieldTable::default();
             args.insert(s("x-queue-type"), long("quorum"));
+            // RabbitMQ dead-letters a message returned more than this many times; the
+            // runtime parks it one delivery earlier (see `Acker::requeue`).
             args.insert(
                 s("x-delivery-limit"),
                 AMQPValue::LongLongInt(i64::from(self.config.delivery_limit)),
@@ -241,15 +255,24 @@ impl Inner {
             ch.queue_declare(s(&name), queue_opts, args)
                 .await
                 .map_err(unavailable)?;
-            let mut bind = FieldTable::default();
-            bind.insert(s("x-match"), long("all"));
-            bind.insert(s(ROUTE_HEADER), long(queue.as_str()));
+            // Versions before 0.2 bound with `x-match: all`, under which RabbitMQ ignores
+            // every `x-` header: the binding matched every message, so each due message
+            // went to every work queue. Remove that binding wherever it still exists
+            // (unbinding a missing binding is a no-op) before binding the right way.
+            ch.queue_unbind(
+                s(&name),
+                s(&self.work_exchange()),
+                s(""),
+                route_binding(queue, "all"),
+            )
+            .await
+            .map_err(unavailable)?;
             ch.queue_bind(
                 s(&name),
                 s(&self.work_exchange()),
                 s(""),
                 QueueBindOptions::default(),
-                bind,
+                route_binding(queue, ROUTE_MATCH),
             )
             .await
             .map_err(unavailable)?;
@@ -416,6 +439,22 @@ fn confirm_result(confirmation: Confirmation) -> Result<(), BrokerError> {
         )),
         Confirmation::NotRequested => Err(BrokerError::NotConfirmed("confirms not enabled".into())),
     }
+}
+
+/// Ready messages in `queue` (a passive declare; deliveries awaiting an ack not included).
+async fn message_count(ch: &Channel, queue: &str) -> Result<u64, BrokerError> {
+    let q = ch
+        .queue_declare(
+            s(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(u64::from(q.message_count()))
 }
 
 fn header_text(value: &AMQPValue) -> Option<String> {
@@ -593,6 +632,7 @@ impl Inner {
                 continue;
             }
             let out = Delivery {
+                queue,
                 message,
                 redeliveries,
                 acker: Box::new(RabbitAcker {
@@ -743,7 +783,6 @@ impl Broker for RabbitBroker {
     }
 
     async fn dead_letter(&self, message: Message, reason: &str) -> Result<(), BrokerError> {
-        metrics::counter!(m::DEAD_LETTERS, "queue" => message.queue.as_str(), "reason" => "handler").increment(1);
         let extra = [
             (headers::DEAD_REASON, reason.to_owned()),
             (headers::DEAD_QUEUE, message.queue.as_str().to_owned()),
@@ -834,19 +873,29 @@ impl Broker for RabbitBroker {
     async fn queue_depth(&self, queue: WorkQueue) -> Result<u64, BrokerError> {
         let name = self.inner.queue_name(queue);
         self.inner
+            .with_temp_channel(|ch| async move { message_count(&ch, &name).await })
+            .await
+    }
+
+    async fn census(&self) -> Result<BTreeMap<String, u64>, BrokerError> {
+        let inner = &self.inner;
+        let mut names: Vec<(String, String)> = WorkQueue::ALL
+            .into_iter()
+            .map(|q| (q.as_str().to_owned(), inner.queue_name(q)))
+            .collect();
+        names.extend(
+            DELAY_TIERS
+                .into_iter()
+                .map(|t| (format!("delay.{}", delay::tier_name(t)), inner.tier_queue(t))),
+        );
+        names.push(("dead".into(), inner.dead_queue()));
+        inner
             .with_temp_channel(|ch| async move {
-                let q = ch
-                    .queue_declare(
-                        s(&name),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(unavailable)?;
-                Ok(u64::from(q.message_count()))
+                let mut out = BTreeMap::new();
+                for (logical, name) in &names {
+                    out.insert(logical.clone(), message_count(&ch, name).await?);
+                }
+                Ok(out)
             })
             .await
     }

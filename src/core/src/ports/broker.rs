@@ -134,13 +134,19 @@ impl BrokerError {
 #[async_trait]
 pub trait Acker: Send + Sync {
     async fn ack(&self) -> Result<(), BrokerError>;
-    /// Hands the message back for redelivery; counts toward the queue's delivery limit,
-    /// after which the broker dead-letters it with reason `delivery_limit`.
+    /// Hands the message back for redelivery; counts toward the queue's delivery limit.
+    /// The worker runtime parks a message that reaches the limit itself (so every dead
+    /// letter is counted in one place); the broker's own limit sits one delivery higher,
+    /// as a backstop for a runtime that cannot publish the dead letter.
     async fn requeue(&self) -> Result<(), BrokerError>;
 }
 
 /// A message handed to a consumer.
 pub struct Delivery {
+    /// The queue it was consumed from. `message.queue` is the queue the message was
+    /// published for; the two differ only if routing is broken, which the runtime treats
+    /// as a bug (logged, counted, dead-lettered), never as work for the wrong handler.
+    pub queue: WorkQueue,
     pub message: Message,
     /// How many times this message was delivered before (0 on first delivery).
     pub redeliveries: u32,
@@ -151,7 +157,8 @@ impl fmt::Debug for Delivery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Delivery")
             .field("message_id", &self.message.id)
-            .field("queue", &self.message.queue)
+            .field("queue", &self.queue)
+            .field("published_for", &self.message.queue)
             .field("redeliveries", &self.redeliveries)
             .finish()
     }
@@ -216,7 +223,8 @@ pub trait Broker: Send + Sync + 'static {
         -> Result<Subscription, BrokerError>;
 
     /// Parks a message in the dead-letter queue with `reason` (the caller then acks the
-    /// original delivery).
+    /// original delivery). Adapters do not count dead letters: the worker runtime does,
+    /// once, for both brokers.
     async fn dead_letter(&self, message: Message, reason: &str) -> Result<(), BrokerError>;
 
     /// Up to `limit` dead letters, oldest first, without removing them.
@@ -235,6 +243,12 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Ready messages per work queue (for metrics and autoscaling).
     async fn queue_depth(&self, queue: WorkQueue) -> Result<u64, BrokerError>;
+
+    /// Ready messages in every queue this broker manages, by logical name: each work queue
+    /// (`call_jobs`…; deliveries awaiting an ack not included), each delay tier (`delay.<tier>`; the
+    /// memory broker has one, `delay`), and `dead`. What tests, chaos runs and operators
+    /// read to see what the fleet left behind.
+    async fn census(&self) -> Result<BTreeMap<String, u64>, BrokerError>;
 
     /// Round-trips to the broker (readiness).
     async fn ping(&self) -> Result<(), BrokerError>;
