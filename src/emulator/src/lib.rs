@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use faults::{Faults, MethodFault, WebhookFaults};
 pub use sip::{CallScript, Outcome};
-pub use state::{ApiRecord, WebhookRecord};
+pub use state::{ApiRecord, RequestOutcome, WebhookRecord};
 
 /// Emulator settings.
 #[derive(Debug, Clone)]
@@ -174,9 +174,20 @@ impl Emulator {
         self.inner.faults_changed.notify_waiters();
     }
 
-    /// Adds a webhook URL at run time.
-    pub fn add_webhook_url(&self, url: &str) {
-        self.inner.webhook_urls.lock().push(url.to_owned());
+    /// Adds a webhook URL at run time; returns false if it was already there (each URL
+    /// gets every event once).
+    pub fn add_webhook_url(&self, url: &str) -> bool {
+        let mut urls = self.inner.webhook_urls.lock();
+        if urls.iter().any(|u| u == url) {
+            return false;
+        }
+        urls.push(url.to_owned());
+        true
+    }
+
+    /// The webhook URLs events go to.
+    pub fn webhook_urls(&self) -> Vec<String> {
+        self.inner.webhook_urls.lock().clone()
     }
 
     /// Simulates a PSTN call arriving on a trunk.
@@ -184,7 +195,8 @@ impl Emulator {
         sip::inbound_call(self, call).await
     }
 
-    /// Clears rooms, records, scripts and faults.
+    /// Clears rooms, records, scripts and faults, and forgets webhook URLs added at run time
+    /// (the configured ones stay).
     pub fn reset(&self) {
         self.inner.reset();
     }

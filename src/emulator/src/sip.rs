@@ -188,14 +188,21 @@ fn sip_participant(
     }
 }
 
-/// CreateSIPParticipant: validation as the real server, a SIP participant joining at dial
-/// time, then the scripted outcome. With `wait_until_answered` the call blocks until answer
-/// or failure.
-pub async fn create_sip_participant(
-    emu: &Emulator,
-    req: proto::CreateSipParticipantRequest,
+/// The identity a dial's participant gets: the requested one, or `sip_<number>`.
+pub fn dial_identity(req: &proto::CreateSipParticipantRequest) -> String {
+    if req.participant_identity.is_empty() {
+        format!("sip_{}", req.sip_call_to)
+    } else {
+        req.participant_identity.clone()
+    }
+}
+
+/// CreateSIPParticipant's validation, as the real server does it, then an `X-Lk-Mock`
+/// `sipStatus`: everything that refuses a dial before anything happens.
+pub fn check_dial(
+    req: &proto::CreateSipParticipantRequest,
     forced_status: Option<(u16, Option<String>)>,
-) -> Result<proto::SipParticipantInfo, TwirpError> {
+) -> Result<(), TwirpError> {
     if req.sip_trunk_id.is_empty() && req.trunk.is_none() && req.sip_number.is_empty() {
         return Err(TwirpError::new("invalid_argument", "missing sip trunk id"));
     }
@@ -223,12 +230,17 @@ pub async fn create_sip_participant(
     if let Some((code, text)) = forced_status {
         return Err(sip_error(code, text.as_deref()));
     }
+    Ok(())
+}
 
-    let identity = if req.participant_identity.is_empty() {
-        format!("sip_{}", req.sip_call_to)
-    } else {
-        req.participant_identity.clone()
-    };
+/// CreateSIPParticipant once [`check_dial`] passed: a SIP participant joins at dial time,
+/// then the scripted outcome plays. With `wait_until_answered` the call blocks until
+/// answer or failure.
+pub async fn dial(
+    emu: &Emulator,
+    req: proto::CreateSipParticipantRequest,
+) -> Result<proto::SipParticipantInfo, TwirpError> {
+    let identity = dial_identity(&req);
     let call_id = guid("SCL_");
     let mut attributes = req.participant_attributes.clone();
     attributes.insert("sip.callID".into(), call_id.clone());
@@ -393,11 +405,10 @@ impl Dial {
     }
 }
 
-/// TransferSIPParticipant: validates the target, sends the (simulated) REFER and the
-/// caller leaves the room.
-pub async fn transfer(
-    emu: &Emulator,
-    req: proto::TransferSipParticipantRequest,
+/// TransferSIPParticipant's validation, then an `X-Lk-Mock` `sipStatus`: everything that
+/// refuses a transfer before anything happens.
+pub fn check_transfer(
+    req: &proto::TransferSipParticipantRequest,
     forced_status: Option<(u16, Option<String>)>,
 ) -> Result<(), TwirpError> {
     if req.room_name.is_empty() {
@@ -424,6 +435,18 @@ pub async fn transfer(
             "transfer_to must start with tel:, sip: or sips:",
         ));
     }
+    if let Some((code, text)) = forced_status {
+        return Err(sip_error(code, text.as_deref()));
+    }
+    Ok(())
+}
+
+/// TransferSIPParticipant once [`check_transfer`] passed: the (simulated) REFER is sent
+/// and the caller leaves the room.
+pub fn transfer(
+    emu: &Emulator,
+    req: proto::TransferSipParticipantRequest,
+) -> Result<(), TwirpError> {
     let Some(p) = emu.participant(&req.room_name, &req.participant_identity) else {
         return Err(TwirpError::new(
             "not_found",
@@ -435,9 +458,6 @@ pub async fn transfer(
             "invalid_argument",
             "no SIP session associated with participant",
         ));
-    }
-    if let Some((code, text)) = forced_status {
-        return Err(sip_error(code, text.as_deref()));
     }
     emu.set_attribute(&req.room_name, &p.sid, "sip.callStatus", "hangup");
     emu.leave(

@@ -15,6 +15,47 @@ use crate::sip::CallScript;
 use crate::webhooks::WebhookSender;
 use crate::{Emulator, EmulatorConfig};
 
+/// What became of an API request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestOutcome {
+    /// Arrived, not finished yet (waiting out latency, or a dial waiting for the answer).
+    InFlight,
+    /// Carried out and answered: past auth and request validation, so its effect took
+    /// place (the answer may still be an error such as `not_found` or a failed dial).
+    Executed,
+    /// Refused before anything was carried out and answered with an error: auth (401),
+    /// grant, bad content type, malformed or invalid request, or an injected error
+    /// (`X-Lk-Mock` status failure or `sipStatus`, fault `error_rate`, `pinnedRegions`).
+    Rejected,
+    /// The connection was dropped without an answer and nothing was carried out
+    /// (fault `drop_rate`, `X-Lk-Mock` `failMode: "drop"`, or a `drop_after` fault on a
+    /// request that was rejected anyway).
+    DroppedBefore,
+    /// Carried out, then the connection was dropped without an answer: the effect took
+    /// place but the client never learns it (fault `drop_after_rate`, `X-Lk-Mock`
+    /// `failMode: "drop_after"`).
+    ExecutedThenDropped,
+}
+
+impl RequestOutcome {
+    /// The snake_case name it is serialized with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InFlight => "in_flight",
+            Self::Executed => "executed",
+            Self::Rejected => "rejected",
+            Self::DroppedBefore => "dropped_before",
+            Self::ExecutedThenDropped => "executed_then_dropped",
+        }
+    }
+
+    /// Whether the request's effect took place.
+    pub fn executed(self) -> bool {
+        matches!(self, Self::Executed | Self::ExecutedThenDropped)
+    }
+}
+
 /// One API request served.
 #[derive(Debug, Clone, Serialize)]
 pub struct ApiRecord {
@@ -23,15 +64,25 @@ pub struct ApiRecord {
     pub at_ms: i64,
     pub service: String,
     pub method: String,
+    /// The room the request names (filled whenever the request could be decoded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub room: Option<String>,
+    /// The participant identity the request names; for CreateSIPParticipant the identity
+    /// the participant gets (`sip_<number>` when the request leaves it empty).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
     /// Other key fields (`sip_call_to`, `agent_name`, `sip_trunk_id`, `transfer_to`).
     pub fields: HashMap<String, String>,
+    /// HTTP status of the answer; `0` when none was sent (in flight, or dropped).
     pub status: u16,
-    /// Twirp error code when it failed, `ok` otherwise.
+    /// Twirp error code when it failed, `ok` when it succeeded, `dropped` when the
+    /// connection was dropped without an answer, `in_flight` until it finishes.
     pub result: String,
+    /// What became of the request.
+    pub outcome: RequestOutcome,
+    /// For a dropped answer: what it would have said (`ok` or a Twirp code).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost_result: Option<String>,
     /// The client hung up before the answer (timeout, crash); the request still ran.
     pub client_gone: bool,
     pub duration_ms: u64,
@@ -85,9 +136,20 @@ pub struct Inner {
     pub seq: AtomicU64,
 }
 
+/// The configured webhook URLs, each once.
+fn configured_urls(config: &EmulatorConfig) -> Vec<String> {
+    let mut urls: Vec<String> = Vec::new();
+    for url in &config.webhook_urls {
+        if !urls.contains(url) {
+            urls.push(url.clone());
+        }
+    }
+    urls
+}
+
 impl Inner {
     pub fn new(config: EmulatorConfig) -> Arc<Self> {
-        let urls = config.webhook_urls.clone();
+        let urls = configured_urls(&config);
         Arc::new(Self {
             webhooks: WebhookSender::new(),
             config,
@@ -110,10 +172,13 @@ impl Inner {
         self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// Back to the state at start: no rooms, records, scripts or faults, and only the
+    /// configured webhook URLs (those added at run time are forgotten).
     pub fn reset(&self) {
         self.rooms.lock().clear();
         *self.records.lock() = Records::default();
         self.scripts.lock().clear();
+        *self.webhook_urls.lock() = configured_urls(&self.config);
         *self.faults.lock() = Faults::default();
         self.faults_changed.notify_waiters();
         self.webhooks.reset();

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::ids::guid;
-use crate::state::ApiRecord;
+use crate::state::{ApiRecord, RequestOutcome};
 use crate::{sip, Emulator};
 
 /// A Twirp error: `{code, msg, meta}` with the HTTP status of its code.
@@ -95,7 +95,7 @@ fn code_for_status(status: u16) -> &'static str {
 #[serde(rename_all = "camelCase", default)]
 pub struct MockHeader {
     fail_regions: Option<Vec<u32>>,
-    fail_mode: Option<String>,
+    fail_mode: Option<FailMode>,
     fail_status: Option<u16>,
     fail_twirp_code: Option<String>,
     delay_ms: Option<u64>,
@@ -104,6 +104,20 @@ pub struct MockHeader {
     skip_auth: bool,
     sip_status: Option<MockSipStatus>,
     pinned_regions: Option<Vec<String>>,
+}
+
+/// `failMode`: how a request fails when this region fails it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum FailMode {
+    /// A Twirp error with `failStatus` / `failTwirpCode`, nothing carried out.
+    Status,
+    /// The connection is dropped without an answer, nothing carried out.
+    Drop,
+    /// The request is carried out, then the connection is dropped without an answer
+    /// (an emulator extension: the response is lost).
+    #[serde(alias = "dropAfter")]
+    DropAfter,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,9 +178,25 @@ async fn regions(State(emu): State<Emulator>, headers: HeaderMap) -> Response {
         .into_response()
 }
 
-/// A response whose connection is cut before the body completes: a transport error for
-/// the client, as a dropped connection would be.
-fn dropped() -> Response {
+/// Where a dropped request was cut, for the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DropPoint {
+    /// Before the request was carried out.
+    Before,
+    /// After the request was carried out (its answer is lost).
+    After,
+}
+
+/// What a dropped answer would have said, for the record.
+#[derive(Clone)]
+struct LostResult(String);
+
+/// A response whose connection is cut without an answer: a transport error for the client
+/// (hyper's "connection closed before message completed"), as a dropped connection is.
+/// The body fails before its first byte, so hyper abandons the connection with the head
+/// still unsent in its buffer: the client reads EOF and no status line (the tests check
+/// this with a raw socket).
+fn dropped(point: DropPoint) -> Response {
     let stream = futures::stream::once(async {
         Err::<Bytes, std::io::Error>(std::io::Error::other(
             "connection dropped by fault injection",
@@ -176,8 +206,14 @@ fn dropped() -> Response {
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/protobuf")
         .header(header::CONTENT_LENGTH, "64")
+        .extension(point)
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Whether a fault with `rate` (0..=1) fires for this request.
+fn roll(rate: f64) -> bool {
+    rate > 0.0 && rand::rng().random_bool(rate.min(1.0))
 }
 
 fn plain_401(msg: &str) -> Response {
@@ -366,6 +402,8 @@ struct Summary {
     room: Option<String>,
     identity: Option<String>,
     fields: HashMap<String, String>,
+    /// Set once the request is past auth and validation and its effect takes place.
+    executed: bool,
 }
 
 /// Marks a request's record `client_gone` if the client hung up before it was answered
@@ -408,6 +446,8 @@ async fn handle(
         fields: HashMap::new(),
         status: 0,
         result: "in_flight".into(),
+        outcome: RequestOutcome::InFlight,
+        lost_result: None,
         client_gone: false,
         duration_ms: 0,
     });
@@ -441,11 +481,24 @@ async fn process(
     response
         .headers_mut()
         .insert("x-lk-mock-region", HeaderValue::from_static("0"));
-    let status = response.status().as_u16();
-    let result = match response.extensions().get::<TwirpCode>() {
-        Some(TwirpCode(code)) => code.clone(),
-        None if status == 200 => "ok".into(),
-        None => format!("http_{status}"),
+    let drop_point = response.extensions().get::<DropPoint>().copied();
+    let (status, result, lost_result) = match drop_point {
+        // No answer was sent: never recorded as a status or `ok`.
+        Some(_) => (
+            0,
+            "dropped".to_owned(),
+            response
+                .extensions()
+                .get::<LostResult>()
+                .map(|l| l.0.clone()),
+        ),
+        None => (response.status().as_u16(), result_of(&response), None),
+    };
+    let outcome = match (drop_point, summary.executed) {
+        (Some(DropPoint::After), true) => RequestOutcome::ExecutedThenDropped,
+        (Some(_), _) => RequestOutcome::DroppedBefore,
+        (None, true) => RequestOutcome::Executed,
+        (None, false) => RequestOutcome::Rejected,
     };
     let duration_ms = started.elapsed().as_millis() as u64;
     emu.inner.update_record(seq, |r| {
@@ -453,10 +506,22 @@ async fn process(
         r.identity = summary.identity.take();
         r.fields = std::mem::take(&mut summary.fields);
         r.status = status;
-        r.result = result.clone();
+        r.result = result;
+        r.outcome = outcome;
+        r.lost_result = lost_result;
         r.duration_ms = duration_ms;
     });
     response
+}
+
+/// `ok`, the Twirp code, or `http_<status>` of an answer.
+fn result_of(response: &Response) -> String {
+    let status = response.status().as_u16();
+    match response.extensions().get::<TwirpCode>() {
+        Some(TwirpCode(code)) => code.clone(),
+        None if status == 200 => "ok".into(),
+        None => format!("http_{status}"),
+    }
 }
 
 /// The Twirp code a response carries, for the request record.
@@ -512,47 +577,96 @@ async fn serve(
         }
     };
 
-    // Natural latency: X-Lk-Mock delayMs overrides the global per-method setting.
-    let fault = emu.inner.faults.lock().for_method(method).cloned();
-    let delay = match (mock.delay_ms, &fault) {
-        (Some(ms), _) => Duration::from_millis(ms),
-        (None, Some(f)) => {
-            let max = f.latency_max_ms.unwrap_or(f.latency_ms).max(f.latency_ms);
-            Duration::from_millis(rand::rng().random_range(f.latency_ms..=max))
+    // Latency comes before the request is carried out, so a client that gives up during
+    // it sees nothing done yet; the request still runs afterwards (in its own task).
+    // X-Lk-Mock delayMs overrides the per-method setting.
+    let fault = emu.inner.faults.lock().for_method(method);
+    let delay = match mock.delay_ms {
+        Some(ms) => Duration::from_millis(ms),
+        None => {
+            let min = fault.latency_ms;
+            let max = fault.latency_max_ms.unwrap_or(min).max(min);
+            Duration::from_millis(rand::rng().random_range(min..=max))
         }
-        (None, None) => Duration::ZERO,
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
 
-    if mock.fails_here() {
-        if mock.fail_mode.as_deref() == Some("drop") {
-            return dropped();
+    // An X-Lk-Mock failure decides this request's fate; the global faults apply otherwise.
+    let drop_after = if mock.fails_here() {
+        match mock.fail_mode.unwrap_or(FailMode::Status) {
+            FailMode::Drop => return dropped(DropPoint::Before),
+            FailMode::DropAfter => true,
+            FailMode::Status => {
+                let status = mock.fail_status.unwrap_or(503);
+                let code = mock
+                    .fail_twirp_code
+                    .clone()
+                    .unwrap_or_else(|| code_for_status(status).to_owned());
+                let mut r = twirp_response(TwirpError::new(&code, "injected failure (X-Lk-Mock)"));
+                *r.status_mut() =
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return r;
+            }
         }
-        let status = mock.fail_status.unwrap_or(503);
-        let code = mock
-            .fail_twirp_code
-            .clone()
-            .unwrap_or_else(|| code_for_status(status).to_owned());
-        let mut r = twirp_response(TwirpError::new(&code, "injected failure (X-Lk-Mock)"));
-        *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return r;
-    }
-    if let Some(f) = &fault {
-        let mut rng = rand::rng();
-        if f.drop_rate > 0.0 && rng.random_bool(f.drop_rate.min(1.0)) {
-            return dropped();
+    } else {
+        if roll(fault.drop_rate) {
+            return dropped(DropPoint::Before);
         }
-        if f.error_rate > 0.0 && rng.random_bool(f.error_rate.min(1.0)) {
-            let code = f.error_code.clone().unwrap_or_else(|| "unavailable".into());
+        if roll(fault.error_rate) {
+            let code = fault
+                .error_code
+                .clone()
+                .unwrap_or_else(|| "unavailable".into());
             return twirp_response(TwirpError::new(&code, "injected failure (emulator faults)"));
         }
-    }
+        roll(fault.drop_after_rate)
+    };
 
-    let grants = Grants(claims.as_ref());
     let forced_sip = mock.sip_status.as_ref().map(|s| (s.code, s.status.clone()));
-    let canned = mock.response;
+    let call = Call {
+        service,
+        method,
+        wire,
+        body,
+        grants: Grants(claims.as_ref()),
+        forced_sip,
+        canned: mock.response,
+    };
+    let response = execute(emu, call, summary).await;
+    if drop_after {
+        // Carried out (or refused); either way the answer never reaches the client.
+        let mut r = dropped(DropPoint::After);
+        r.extensions_mut().insert(LostResult(result_of(&response)));
+        return r;
+    }
+    response
+}
+
+/// A request past auth, content type and injected failures.
+struct Call<'a> {
+    service: &'a str,
+    method: &'a str,
+    wire: Wire,
+    body: &'a [u8],
+    grants: Grants<'a>,
+    forced_sip: Option<(u16, Option<String>)>,
+    canned: Option<Value>,
+}
+
+/// Carries out a request. `summary.executed` is set once it is past its grant and
+/// validation checks, where its effect takes place.
+async fn execute(emu: &Emulator, call: Call<'_>, summary: &mut Summary) -> Response {
+    let Call {
+        service,
+        method,
+        wire,
+        body,
+        grants,
+        forced_sip,
+        canned,
+    } = call;
     macro_rules! reply {
         ($resp_ty:ty, $result:expr) => {{
             match canned {
@@ -587,6 +701,7 @@ async fn serve(
                 if r.name.is_empty() || r.name.len() > 256 {
                     return Err(TwirpError::new("invalid_argument", "room name is invalid"));
                 }
+                summary.executed = true;
                 Ok(emu.upsert_room(&r))
             });
             reply!(proto::Room, result)
@@ -594,6 +709,7 @@ async fn serve(
         ("RoomService", "ListRooms") => {
             let r = req!(proto::ListRoomsRequest);
             let result = grants.room_list().map(|_| {
+                summary.executed = true;
                 let rooms = emu.inner.rooms.lock();
                 let mut list: Vec<proto::Room> = rooms
                     .values()
@@ -609,6 +725,7 @@ async fn serve(
             let r = req!(proto::DeleteRoomRequest);
             summary.room = Some(r.room.clone());
             let result = grants.room_create().and_then(|_| {
+                summary.executed = true;
                 if emu.close_room(&r.room, proto::DisconnectReason::RoomDeleted) {
                     Ok(proto::DeleteRoomResponse {})
                 } else {
@@ -621,6 +738,7 @@ async fn serve(
             let r = req!(proto::ListParticipantsRequest);
             summary.room = Some(r.room.clone());
             let result = grants.room_admin(&r.room).and_then(|_| {
+                summary.executed = true;
                 let rooms = emu.inner.rooms.lock();
                 let room = rooms.get(&r.room).ok_or_else(no_room)?;
                 Ok(proto::ListParticipantsResponse {
@@ -634,6 +752,7 @@ async fn serve(
             summary.room = Some(r.room.clone());
             summary.identity = Some(r.identity.clone());
             let result = grants.room_admin(&r.room).and_then(|_| {
+                summary.executed = true;
                 let rooms = emu.inner.rooms.lock();
                 let room = rooms.get(&r.room).ok_or_else(no_room)?;
                 room.participants
@@ -649,6 +768,7 @@ async fn serve(
             summary.room = Some(r.room.clone());
             summary.identity = Some(r.identity.clone());
             let result = grants.room_admin(&r.room).and_then(|_| {
+                summary.executed = true;
                 if !emu.inner.rooms.lock().contains_key(&r.room) {
                     return Err(no_room());
                 }
@@ -678,6 +798,7 @@ async fn serve(
                 if r.room.is_empty() {
                     return Err(TwirpError::new("invalid_argument", "room name is required"));
                 }
+                summary.executed = true;
                 emu.ensure_room(&r.room);
                 let dispatch = proto::AgentDispatch {
                     id: guid("AD_"),
@@ -707,6 +828,7 @@ async fn serve(
             let r = req!(proto::ListAgentDispatchRequest);
             summary.room = Some(r.room.clone());
             let result = grants.room_admin(&r.room).map(|_| {
+                summary.executed = true;
                 let rooms = emu.inner.rooms.lock();
                 let agent_dispatches = rooms
                     .get(&r.room)
@@ -726,6 +848,7 @@ async fn serve(
             let r = req!(proto::DeleteAgentDispatchRequest);
             summary.room = Some(r.room.clone());
             let result = grants.room_admin(&r.room).and_then(|_| {
+                summary.executed = true;
                 let mut rooms = emu.inner.rooms.lock();
                 let room = rooms.get_mut(&r.room).ok_or_else(no_room)?;
                 let pos = room
@@ -746,7 +869,7 @@ async fn serve(
         ("SIP", "CreateSIPParticipant") => {
             let r = req!(proto::CreateSipParticipantRequest);
             summary.room = Some(r.room_name.clone());
-            summary.identity = Some(r.participant_identity.clone());
+            summary.identity = Some(sip::dial_identity(&r));
             summary
                 .fields
                 .insert("sip_call_to".into(), r.sip_call_to.clone());
@@ -757,8 +880,14 @@ async fn serve(
                 "wait_until_answered".into(),
                 r.wait_until_answered.to_string(),
             );
-            let result = match grants.sip_call() {
-                Ok(()) => sip::create_sip_participant(emu, r, forced_sip).await,
+            let result = match grants
+                .sip_call()
+                .and_then(|_| sip::check_dial(&r, forced_sip))
+            {
+                Ok(()) => {
+                    summary.executed = true;
+                    sip::dial(emu, r).await
+                }
                 Err(e) => Err(e),
             };
             reply!(proto::SipParticipantInfo, result)
@@ -770,13 +899,14 @@ async fn serve(
             summary
                 .fields
                 .insert("transfer_to".into(), r.transfer_to.clone());
-            let result = match grants
+            let result = grants
                 .sip_call()
                 .and_then(|_| grants.room_admin(&r.room_name))
-            {
-                Ok(()) => sip::transfer(emu, r, forced_sip).await.map(|_| ()),
-                Err(e) => Err(e),
-            };
+                .and_then(|_| sip::check_transfer(&r, forced_sip))
+                .and_then(|_| {
+                    summary.executed = true;
+                    sip::transfer(emu, r)
+                });
             match result {
                 Ok(()) => encode_empty(wire),
                 Err(e) => twirp_response(e),
@@ -785,11 +915,15 @@ async fn serve(
         ("SIP", m) if m.contains("Trunk") || m.contains("DispatchRule") => match grants.sip_admin()
         {
             // Trunk and dispatch-rule CRUD is not modelled: like LiveKit's mock, an empty message.
-            Ok(()) => encode_empty(wire),
+            Ok(()) => {
+                summary.executed = true;
+                encode_empty(wire)
+            }
             Err(e) => twirp_response(e),
         },
         _ => {
             // Unknown methods answer like LiveKit's mock: an empty message.
+            summary.executed = true;
             encode_empty(wire)
         }
     }
