@@ -157,6 +157,8 @@ fn worker_runtime(
     worker: &WorkerConfig,
     livekit: Arc<LiveKitApi>,
 ) -> WorkerRuntime {
+    // A request that timed out may still be running in LiveKit for a while.
+    let livekit_settle = livekit.timeout() + Duration::from_secs(5);
     let deps = CallDeps {
         calls: CallBook::new(Arc::clone(&backends.store)),
         broker: Arc::clone(&backends.broker),
@@ -167,6 +169,7 @@ fn worker_runtime(
             trunk_max_concurrent: worker.trunk_max_concurrent,
             trunk_cps: worker.trunk_cps,
             lease_ttl: Duration::from_secs(worker.lease_ttl_s),
+            livekit_settle,
             ..OutboundSettings::default()
         },
     };

@@ -501,7 +501,9 @@ mod rabbitmq_only {
         .await
         .expect("RabbitMQ reachable");
         let ch = conn.create_channel().await.expect("channel");
-        ch.confirm_select(Default::default()).await.expect("confirms");
+        ch.confirm_select(Default::default())
+            .await
+            .expect("confirms");
         (conn, ch)
     }
 

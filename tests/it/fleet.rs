@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::{
     cleanup_rabbit, eventually, memory_broker, memory_store, rabbit_broker, redis_store_at,
+    FlakyBroker, FlakyStore, Outage,
 };
 
 pub const API_KEY: &str = "test-key";
@@ -42,6 +43,8 @@ pub struct FleetOptions {
     pub broker: Option<Arc<dyn Broker>>,
     /// Broker-delayed retries of a job before it is dead-lettered.
     pub max_job_attempts: u32,
+    /// Outages the test switches on and off (store operations, publishes).
+    pub outage: Option<Arc<Outage>>,
 }
 
 impl Default for FleetOptions {
@@ -61,6 +64,7 @@ impl Default for FleetOptions {
             },
             broker: None,
             max_job_attempts: 5,
+            outage: None,
         }
     }
 }
@@ -91,6 +95,19 @@ impl TestFleet {
             }
         };
         let broker = options.broker.clone().unwrap_or(broker);
+        let (broker, store): (Arc<dyn Broker>, Arc<dyn Store>) = match &options.outage {
+            Some(outage) => (
+                Arc::new(FlakyBroker {
+                    inner: broker,
+                    outage: Arc::clone(outage),
+                }),
+                Arc::new(FlakyStore {
+                    inner: store,
+                    outage: Arc::clone(outage),
+                }),
+            ),
+            None => (broker, store),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind ingress");

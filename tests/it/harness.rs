@@ -180,3 +180,216 @@ impl Broker for DownBroker {
         Err(BrokerError::Unavailable("down".into()))
     }
 }
+
+/// Failures a test switches on and off at run time: the named store operations and the
+/// broker's publishes fail as an unreachable service would, the rest goes through.
+#[derive(Default)]
+pub struct Outage {
+    store_ops: parking_lot::Mutex<std::collections::HashSet<&'static str>>,
+    publish: std::sync::atomic::AtomicBool,
+}
+
+impl Outage {
+    pub fn store_down(&self, ops: &[&'static str]) {
+        self.store_ops.lock().extend(ops.iter().copied());
+    }
+    pub fn broker_down(&self, down: bool) {
+        self.publish
+            .store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+    pub fn heal(&self) {
+        self.store_ops.lock().clear();
+        self.broker_down(false);
+    }
+    fn store(&self, op: &'static str) -> Result<(), callfleet_core::ports::StoreError> {
+        if self.store_ops.lock().contains(op) {
+            return Err(callfleet_core::ports::StoreError::Unavailable(format!(
+                "{op}: injected outage"
+            )));
+        }
+        Ok(())
+    }
+    fn broker(&self) -> Result<(), BrokerError> {
+        if self.publish.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(BrokerError::Unavailable("injected outage".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A store that fails the operations its [`Outage`] names.
+pub struct FlakyStore {
+    pub inner: Arc<dyn Store>,
+    pub outage: Arc<Outage>,
+}
+
+#[async_trait]
+impl Store for FlakyStore {
+    async fn create_record(
+        &self,
+        id: &str,
+        data: bytes::Bytes,
+        index_score: Option<i64>,
+    ) -> Result<bool, callfleet_core::ports::StoreError> {
+        self.outage.store("create_record")?;
+        self.inner.create_record(id, data, index_score).await
+    }
+    async fn get_record(
+        &self,
+        id: &str,
+    ) -> Result<Option<callfleet_core::ports::store::Versioned>, callfleet_core::ports::StoreError>
+    {
+        self.outage.store("get_record")?;
+        self.inner.get_record(id).await
+    }
+    async fn update_record(
+        &self,
+        id: &str,
+        expected_version: u64,
+        data: bytes::Bytes,
+    ) -> Result<callfleet_core::ports::store::CasOutcome, callfleet_core::ports::StoreError> {
+        self.outage.store("update_record")?;
+        self.inner.update_record(id, expected_version, data).await
+    }
+    async fn list_index(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<callfleet_core::ports::store::IndexPage, callfleet_core::ports::StoreError> {
+        self.outage.store("list_index")?;
+        self.inner.list_index(cursor, limit).await
+    }
+    async fn claim_key(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, callfleet_core::ports::StoreError> {
+        self.outage.store("claim_key")?;
+        self.inner.claim_key(key, value, ttl).await
+    }
+    async fn get_key(
+        &self,
+        key: &str,
+    ) -> Result<Option<String>, callfleet_core::ports::StoreError> {
+        self.outage.store("get_key")?;
+        self.inner.get_key(key).await
+    }
+    async fn delete_key(&self, key: &str) -> Result<(), callfleet_core::ports::StoreError> {
+        self.outage.store("delete_key")?;
+        self.inner.delete_key(key).await
+    }
+    async fn first_seen(
+        &self,
+        event_id: &str,
+        ttl: Duration,
+    ) -> Result<bool, callfleet_core::ports::StoreError> {
+        self.outage.store("first_seen")?;
+        self.inner.first_seen(event_id, ttl).await
+    }
+    async fn forget_seen(&self, event_id: &str) -> Result<(), callfleet_core::ports::StoreError> {
+        self.inner.forget_seen(event_id).await
+    }
+    async fn try_lock(
+        &self,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<Option<callfleet_core::ports::store::LockToken>, callfleet_core::ports::StoreError>
+    {
+        self.outage.store("try_lock")?;
+        self.inner.try_lock(name, ttl).await
+    }
+    async fn extend_lock(
+        &self,
+        name: &str,
+        token: &callfleet_core::ports::store::LockToken,
+        ttl: Duration,
+    ) -> Result<bool, callfleet_core::ports::StoreError> {
+        self.inner.extend_lock(name, token, ttl).await
+    }
+    async fn unlock(
+        &self,
+        name: &str,
+        token: &callfleet_core::ports::store::LockToken,
+    ) -> Result<bool, callfleet_core::ports::StoreError> {
+        self.inner.unlock(name, token).await
+    }
+    async fn rate_limit(
+        &self,
+        key: &str,
+        per_second: f64,
+        burst: u32,
+    ) -> Result<callfleet_core::ports::store::RateDecision, callfleet_core::ports::StoreError> {
+        self.inner.rate_limit(key, per_second, burst).await
+    }
+    async fn acquire_lease(
+        &self,
+        pool: &str,
+        holder: &str,
+        max: u32,
+        ttl: Duration,
+    ) -> Result<bool, callfleet_core::ports::StoreError> {
+        self.inner.acquire_lease(pool, holder, max, ttl).await
+    }
+    async fn release_lease(
+        &self,
+        pool: &str,
+        holder: &str,
+    ) -> Result<bool, callfleet_core::ports::StoreError> {
+        self.inner.release_lease(pool, holder).await
+    }
+    async fn live_leases(&self, pool: &str) -> Result<u64, callfleet_core::ports::StoreError> {
+        self.inner.live_leases(pool).await
+    }
+    async fn ping(&self) -> Result<(), callfleet_core::ports::StoreError> {
+        self.outage.store("ping")?;
+        self.inner.ping().await
+    }
+}
+
+/// A broker whose publishes fail while its [`Outage`] says so.
+pub struct FlakyBroker {
+    pub inner: Arc<dyn Broker>,
+    pub outage: Arc<Outage>,
+}
+
+#[async_trait]
+impl Broker for FlakyBroker {
+    async fn publish(&self, m: Message) -> Result<(), BrokerError> {
+        self.outage.broker()?;
+        self.inner.publish(m).await
+    }
+    async fn publish_many(&self, m: Vec<Message>) -> Vec<Result<(), BrokerError>> {
+        if self.outage.broker().is_err() {
+            return m
+                .iter()
+                .map(|_| Err(BrokerError::Unavailable("injected outage".into())))
+                .collect();
+        }
+        self.inner.publish_many(m).await
+    }
+    async fn subscribe(&self, q: WorkQueue, p: u16) -> Result<Subscription, BrokerError> {
+        self.inner.subscribe(q, p).await
+    }
+    async fn dead_letter(&self, m: Message, r: &str) -> Result<(), BrokerError> {
+        self.inner.dead_letter(m, r).await
+    }
+    async fn list_dead_letters(&self, n: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+        self.inner.list_dead_letters(n).await
+    }
+    async fn replay_dead_letters(&self, id: Option<&str>, n: usize) -> Result<usize, BrokerError> {
+        self.inner.replay_dead_letters(id, n).await
+    }
+    async fn purge_dead_letters(&self) -> Result<usize, BrokerError> {
+        self.inner.purge_dead_letters().await
+    }
+    async fn queue_depth(&self, q: WorkQueue) -> Result<u64, BrokerError> {
+        self.inner.queue_depth(q).await
+    }
+    async fn census(&self) -> Result<std::collections::BTreeMap<String, u64>, BrokerError> {
+        self.inner.census().await
+    }
+    async fn ping(&self) -> Result<(), BrokerError> {
+        self.inner.ping().await
+    }
+}

@@ -2,6 +2,7 @@
 //! webhooks → ingress → worker → call record.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use callfleet_core::ports::WorkQueue;
@@ -10,6 +11,7 @@ use livekit_emulator::{CallScript, MethodFault, Outcome};
 use serde_json::{json, Value};
 
 use crate::fleet::{Backing, FleetOptions, TestFleet};
+use crate::harness::eventually;
 
 const SLOW: Duration = Duration::from_secs(20);
 
@@ -754,5 +756,86 @@ async fn permanent_errors_fail_the_call_with_the_reason() {
         "not retried"
     );
     assert!(fleet.dials_to("+15105550511").is_empty());
+    fleet.stop().await;
+}
+
+/// A client that retries after a 503 ends with exactly one accepted, enqueued call,
+/// whichever part was down: the store after the key was claimed, or the broker and then
+/// the store when the ingress tried to mark the call `not_enqueued`. Checked on RabbitMQ
+/// and Redis: one call for the key, one dial in the emulator's record, queues empty.
+#[tokio::test]
+async fn a_retry_after_a_503_ends_with_exactly_one_enqueued_call() {
+    let outage = Arc::new(crate::harness::Outage::default());
+    let fleet = TestFleet::start(
+        "outage",
+        FleetOptions {
+            backing: Backing::RabbitRedis,
+            outage: Some(outage.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+
+    // 1. The store fails right after the key is claimed: the record is never written.
+    let a = json!({"to": "+15105550181", "idempotency_key": "outage-a"});
+    outage.store_down(&["create_record"]);
+    let (status, body) = fleet.post("/v1/calls", &a).await;
+    assert_eq!(status, 503, "{body}");
+    outage.heal();
+    let (status, first) = fleet.post("/v1/calls", &a).await;
+    assert_eq!(
+        status, 202,
+        "the retry stores the call under its claimed id: {first}"
+    );
+    let id_a = first["id"].as_str().expect("id").to_owned();
+
+    // 2. The broker refuses the job, then the store cannot mark the call `not_enqueued`:
+    // the record says `queued` although no job exists.
+    let b = json!({"to": "+15105550182", "idempotency_key": "outage-b"});
+    outage.broker_down(true);
+    outage.store_down(&["update_record", "delete_key"]);
+    let (status, body) = fleet.post("/v1/calls", &b).await;
+    assert_eq!(status, 503, "{body}");
+    outage.heal();
+    let (status, again) = fleet.post("/v1/calls", &b).await;
+    assert_eq!(status, 200, "the retry finds the stored call: {again}");
+    let id_b = again["id"].as_str().expect("id").to_owned();
+
+    // 3. The broker refuses the job and the store works: the call is marked
+    // `not_enqueued`, and the client's retry queues that same call again.
+    let c = json!({"to": "+15105550183", "idempotency_key": "outage-c"});
+    outage.broker_down(true);
+    let (status, body) = fleet.post("/v1/calls", &c).await;
+    assert_eq!(status, 503, "{body}");
+    outage.heal();
+    let (_, marked) = fleet.get("/v1/calls?status=failed").await;
+    assert!(
+        marked.to_string().contains("not_enqueued"),
+        "the unenqueued call is marked: {marked}"
+    );
+    let (status, revived) = fleet.post("/v1/calls", &c).await;
+    assert_eq!(status, 200, "{revived}");
+    assert_eq!(revived["status"], "queued");
+    let id_c = revived["id"].as_str().expect("id").to_owned();
+
+    for (id, number) in [
+        (&id_a, "+15105550181"),
+        (&id_b, "+15105550182"),
+        (&id_c, "+15105550183"),
+    ] {
+        fleet.wait_for(id, "completed", SLOW).await;
+        assert_eq!(fleet.dials_to(number).len(), 1, "one dial to {number}");
+    }
+    let (_, listed) = fleet.get("/v1/calls?limit=50").await;
+    assert_eq!(
+        listed["calls"].as_array().map(Vec::len),
+        Some(3),
+        "one call per key: {listed}"
+    );
+    eventually("queues to drain", SLOW, || async {
+        let census = fleet.broker.census().await.ok()?;
+        census.values().all(|n| *n == 0).then_some(())
+    })
+    .await;
     fleet.stop().await;
 }

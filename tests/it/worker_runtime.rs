@@ -226,13 +226,18 @@ async fn a_message_on_the_wrong_queue_is_dead_lettered_not_handled() {
     let stop = CancellationToken::new();
     let runtime = WorkerRuntime::new(Arc::clone(&broker), 4, 4, 3).with_handler(counter.clone());
     let task = tokio::spawn(runtime.run(stop.clone(), Duration::from_secs(5)));
-    let dead = crate::harness::dead_letter_of(broker.as_ref(), "stray-1", Duration::from_secs(10)).await;
+    let dead =
+        crate::harness::dead_letter_of(broker.as_ref(), "stray-1", Duration::from_secs(10)).await;
     assert!(
         dead.reason.contains("misrouted") && dead.reason.contains("call_jobs"),
         "{}",
         dead.reason
     );
-    assert_eq!(counter.0.load(Ordering::SeqCst), 0, "the webhook handler ran a call job");
+    assert_eq!(
+        counter.0.load(Ordering::SeqCst),
+        0,
+        "the webhook handler ran a call job"
+    );
     stop.cancel();
     task.await.expect("join").expect("clean stop");
     crate::broker_conformance::assert_census(broker.as_ref(), &[("dead", 1)]).await;

@@ -31,6 +31,9 @@ pub struct OutboundSettings {
     /// How long a dial whose request may have reached LiveKit waits for evidence (a
     /// participant or a webhook) before it is declared unknown rather than repeated.
     pub dial_evidence_grace: Duration,
+    /// How long LiveKit may still be carrying out a request whose answer we lost (our
+    /// request timeout plus a margin): before then, not finding its effect proves nothing.
+    pub livekit_settle: Duration,
 }
 
 impl Default for OutboundSettings {
@@ -43,6 +46,7 @@ impl Default for OutboundSettings {
             room_empty_timeout_s: 300,
             call_lock_ttl: Duration::from_secs(10),
             dial_evidence_grace: Duration::from_secs(60),
+            livekit_settle: Duration::from_secs(15),
         }
     }
 }

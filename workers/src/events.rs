@@ -208,7 +208,13 @@ impl Handler for WebhookEventHandler {
         match self.apply(&event).await {
             Ok(result) => {
                 let seen_key = format!("wh:{}", event.dedupe_id(&message.body));
-                let first = match self.deps.calls.store().first_seen(&seen_key, DEDUPE_TTL).await {
+                let first = match self
+                    .deps
+                    .calls
+                    .store()
+                    .first_seen(&seen_key, DEDUPE_TTL)
+                    .await
+                {
                     Ok(first) => first,
                     Err(e) => {
                         tracing::debug!(error = %e, "webhook event applied but not marked seen");

@@ -38,6 +38,19 @@ fn transient(e: &LiveKitError) -> bool {
     e.class() == ErrorClass::Retryable
 }
 
+/// Transient, and LiveKit cannot have acted on it: the only failures after which a
+/// request that is not idempotent may be sent again on the spot.
+fn sent_nothing(e: &LiveKitError) -> bool {
+    transient(e) && !e.failure.maybe_processed()
+}
+
+/// How long to wait before looking again for the effect of a request whose answer was
+/// lost, `waited` after it was sent: 1 s, then half the time waited so far, at most 15 s
+/// (a few looks a minute, not hundreds), jittered.
+fn settle_backoff(waited: Duration) -> Duration {
+    jitter((waited / 2).clamp(Duration::from_secs(1), Duration::from_secs(15)))
+}
+
 /// Consumes `call_jobs`.
 pub struct OutboundCallHandler {
     deps: CallDeps,
@@ -390,42 +403,7 @@ impl OutboundCallHandler {
 
         // 2. The agent (CreateDispatch is not idempotent: look before creating).
         if steps.dispatch_id.is_none() {
-            let agent = self.agent(&call);
-            let metadata = Self::dispatch_metadata(&call, attempt);
-            let dispatched = (|| async {
-                let existing = deps.livekit.list_dispatch(&call.room_name).await?;
-                if let Some(found) = existing.into_iter().find(|d| {
-                    d.agent_name == agent && metadata_attempt(&d.metadata) == Some(attempt)
-                }) {
-                    metrics::counter!(m::DISPATCHES, "result" => "duplicate_prevented")
-                        .increment(1);
-                    return Ok(found);
-                }
-                let created = deps
-                    .livekit
-                    .create_dispatch(&call.room_name, &agent, &metadata)
-                    .await?;
-                metrics::counter!(m::DISPATCHES, "result" => "done").increment(1);
-                Ok(created)
-            })
-            .retry(quick_retries())
-            .when(transient)
-            .await;
-            match dispatched {
-                Ok(dispatch) => {
-                    let now = deps.clock.now();
-                    call = self
-                        .record(&call_id, attempt, |c| {
-                            if let Some(a) = c.current_attempt_mut() {
-                                a.steps.dispatch_id = Some(dispatch.id.clone());
-                            }
-                            c.dispatch_id = Some(dispatch.id.clone());
-                            c.advance(CallStatus::AgentDispatched, now);
-                        })
-                        .await?;
-                }
-                Err(e) => return self.api_failed(&call, attempt, &e).await,
-            }
+            call = self.ensure_dispatch(call, attempt).await?;
         }
 
         // 3. The dial.
@@ -445,6 +423,108 @@ impl OutboundCallHandler {
             })
             .await?;
         self.dial(&call, attempt).await
+    }
+
+    /// Makes sure attempt `attempt` has its agent dispatched exactly once. An earlier try
+    /// may have dispatched already (ListDispatch finds it); a try whose answer was lost
+    /// may still be in LiveKit's hands, so another is created only once that one had
+    /// time to show up.
+    async fn ensure_dispatch(&self, call: Call, attempt: u32) -> Result<Call, Stop> {
+        let deps = &self.deps;
+        let agent = self.agent(&call);
+        let metadata = Self::dispatch_metadata(&call, attempt);
+        let started = call
+            .current_attempt()
+            .and_then(|a| a.steps.dispatch_started_at);
+        let listed = (|| async { deps.livekit.list_dispatch(&call.room_name).await })
+            .retry(quick_retries())
+            .when(transient)
+            .await;
+        let existing = match listed {
+            Ok(existing) => existing,
+            Err(e) => {
+                return self
+                    .api_failed(&call, attempt, &e)
+                    .await
+                    .and(Err(Stop::Gone))
+            }
+        };
+        if let Some(found) = existing
+            .into_iter()
+            .find(|d| d.agent_name == agent && metadata_attempt(&d.metadata) == Some(attempt))
+        {
+            metrics::counter!(m::DISPATCHES, "result" => "duplicate_prevented").increment(1);
+            return self.record_dispatch(&call.id, attempt, &found.id).await;
+        }
+        let now = deps.clock.now();
+        if let Some(at) = started {
+            let waited = (now - at).to_std().unwrap_or_default();
+            if waited < deps.settings.livekit_settle {
+                return Err(Stop::Outcome(HandlerOutcome::Defer {
+                    after: settle_backoff(waited),
+                    reason: "waiting to see whether an interrupted CreateDispatch went through"
+                        .into(),
+                }));
+            }
+            // Past any request LiveKit could still be carrying out: that one never happened.
+        }
+        let call = self
+            .record(&call.id, attempt, |c| {
+                if let Some(a) = c.current_attempt_mut() {
+                    a.steps.dispatch_started_at = Some(now);
+                }
+            })
+            .await?;
+        let created = (|| async {
+            deps.livekit
+                .create_dispatch(&call.room_name, &agent, &metadata)
+                .await
+        })
+        .retry(quick_retries())
+        .when(sent_nothing)
+        .await;
+        match created {
+            Ok(dispatch) => {
+                metrics::counter!(m::DISPATCHES, "result" => "done").increment(1);
+                self.record_dispatch(&call.id, attempt, &dispatch.id).await
+            }
+            Err(e) if e.failure.maybe_processed() => Err(Stop::Outcome(HandlerOutcome::Defer {
+                after: settle_backoff(Duration::ZERO),
+                reason: format!(
+                    "CreateDispatch: {}; settling it from LiveKit's state",
+                    describe(&e.failure)
+                ),
+            })),
+            Err(e) => {
+                // LiveKit answered with an error, or was never reached: nothing was created.
+                self.record(&call.id, attempt, |c| {
+                    if let Some(a) = c.current_attempt_mut() {
+                        a.steps.dispatch_started_at = None;
+                    }
+                })
+                .await?;
+                self.api_failed(&call, attempt, &e)
+                    .await
+                    .and(Err(Stop::Gone))
+            }
+        }
+    }
+
+    async fn record_dispatch(
+        &self,
+        call_id: &str,
+        attempt: u32,
+        dispatch_id: &str,
+    ) -> Result<Call, Stop> {
+        let now = self.deps.clock.now();
+        self.record(call_id, attempt, |c| {
+            if let Some(a) = c.current_attempt_mut() {
+                a.steps.dispatch_id = Some(dispatch_id.to_owned());
+            }
+            c.dispatch_id = Some(dispatch_id.to_owned());
+            c.advance(CallStatus::AgentDispatched, now);
+        })
+        .await
     }
 
     fn dial_request(&self, call: &Call, attempt: u32) -> DialRequest {
@@ -471,37 +551,24 @@ impl OutboundCallHandler {
         }
     }
 
-    /// Sends CreateSIPParticipant. Transient failures are retried in-process, each retry
-    /// preceded by a GetParticipant so a dial that did reach LiveKit is never repeated.
+    /// Sends CreateSIPParticipant once. Failures that say nothing happened are retried on
+    /// the spot; after one that may have reached LiveKit (a timeout, a broken connection)
+    /// the dial is settled from LiveKit's state by `reconcile_dial`, never sent again.
     async fn dial(&self, call: &Call, attempt: u32) -> Result<(), Stop> {
         let deps = &self.deps;
         let request = self.dial_request(call, attempt);
-        let mut first = true;
         let result = (|| {
             let request = request.clone();
-            let is_first = std::mem::replace(&mut first, false);
             async move {
-                if !is_first {
-                    if let Some(p) = deps
-                        .livekit
-                        .get_participant(&request.room_name, &request.participant_identity)
-                        .await?
-                    {
-                        return Ok(Dialed::Found(Box::new(p)));
-                    }
-                }
                 metrics::counter!(m::DIALS, "result" => "sent").increment(1);
-                deps.livekit
-                    .create_sip_participant(request)
-                    .await
-                    .map(Dialed::Created)
+                deps.livekit.create_sip_participant(request).await
             }
         })
         .retry(quick_retries())
-        .when(transient)
+        .when(sent_nothing)
         .await;
         match result {
-            Ok(dialed) => self.dialed(call, attempt, dialed).await,
+            Ok(info) => self.dialed(call, attempt, Dialed::Created(info)).await,
             Err(e) => match e.kind() {
                 FailureKind::CallOutcome(outcome) => {
                     let sip_status_code = match &e.failure {
@@ -522,17 +589,28 @@ impl OutboundCallHandler {
                     )
                     .await
                 }
+                FailureKind::Retryable | FailureKind::BackPressure
+                    if e.failure.maybe_processed() =>
+                {
+                    // The journal keeps dial_started_at: the next delivery reconciles.
+                    metrics::counter!(m::DIALS, "result" => "answer_lost").increment(1);
+                    Err(Stop::Outcome(HandlerOutcome::Defer {
+                        after: settle_backoff(Duration::ZERO),
+                        reason: format!(
+                            "CreateSIPParticipant: {}; settling it from LiveKit's state",
+                            describe(&e.failure)
+                        ),
+                    }))
+                }
                 FailureKind::Retryable | FailureKind::BackPressure => {
-                    if e.failure != ApiFailure::Timeout {
-                        // LiveKit answered (or was never reached): no participant was
-                        // created, so the next try may dial without waiting for evidence.
-                        self.record(&call.id, attempt, |c| {
-                            if let Some(a) = c.current_attempt_mut() {
-                                a.steps.dial_started_at = None;
-                            }
-                        })
-                        .await?;
-                    }
+                    // LiveKit answered with an error, or was never reached: no participant
+                    // was created, so the next try may dial without waiting for evidence.
+                    self.record(&call.id, attempt, |c| {
+                        if let Some(a) = c.current_attempt_mut() {
+                            a.steps.dial_started_at = None;
+                        }
+                    })
+                    .await?;
                     Err(Stop::Outcome(HandlerOutcome::RetryAfter {
                         after: Duration::from_secs(1),
                         reason: format!("CreateSIPParticipant: {}", describe(&e.failure)),
@@ -648,9 +726,20 @@ impl OutboundCallHandler {
                 }
                 let started = current.steps.dial_started_at.unwrap_or(current.started_at);
                 let waited = (deps.clock.now() - started).to_std().unwrap_or_default();
-                if waited < deps.settings.dial_evidence_grace {
+                // A dial that waits for the answer may be in LiveKit's hands for its whole
+                // ringing time before the participant shows.
+                let ringing = if call.wait_until_answered {
+                    Duration::from_secs(u64::from(call.ringing_timeout_s.unwrap_or(30)))
+                } else {
+                    Duration::ZERO
+                };
+                let grace = deps
+                    .settings
+                    .dial_evidence_grace
+                    .max(deps.settings.livekit_settle + ringing);
+                if waited < grace {
                     return Err(Stop::Outcome(HandlerOutcome::Defer {
-                        after: jitter(Duration::from_secs(2)),
+                        after: settle_backoff(waited),
                         reason: "waiting for evidence of an interrupted dial".into(),
                     }));
                 }
@@ -700,6 +789,7 @@ fn metadata_attempt(metadata: &str) -> Option<u32> {
 fn describe(failure: &ApiFailure) -> String {
     match failure {
         ApiFailure::Transport => "LiveKit unreachable".into(),
+        ApiFailure::Interrupted => "connection to LiveKit broke before its answer".into(),
         ApiFailure::Timeout => "LiveKit request timed out".into(),
         ApiFailure::Protocol => "unreadable LiveKit response".into(),
         ApiFailure::Twirp {
@@ -782,6 +872,14 @@ mod tests {
         assert_eq!(meta["call_id"], "call_1", "call fields win over context");
         assert_eq!(meta["attempt"], 2);
         assert_eq!(metadata_attempt(&meta.to_string()), Some(2));
+    }
+
+    #[test]
+    fn settling_looks_back_off_to_a_few_a_minute() {
+        let looks = |waited_s: u64| settle_backoff(Duration::from_secs(waited_s));
+        assert!(looks(0) >= Duration::from_millis(500) && looks(0) <= Duration::from_millis(1_500));
+        assert!(looks(20) >= Duration::from_secs(5));
+        assert!(looks(600) <= Duration::from_millis(22_500));
     }
 
     #[test]

@@ -279,7 +279,15 @@ async fn run_one(
         } else {
             "delivery_limit"
         };
-        let result = match park(broker.as_ref(), queue, delivery.message.clone(), kind, &reason).await {
+        let result = match park(
+            broker.as_ref(),
+            queue,
+            delivery.message.clone(),
+            kind,
+            &reason,
+        )
+        .await
+        {
             Ok(()) => {
                 if kind == "delivery_limit" {
                     handler.dead_lettered(&delivery.message, &reason).await;
@@ -360,7 +368,15 @@ async fn run_one(
             }
         }
         HandlerOutcome::DeadLetter { reason } => {
-            match park(broker.as_ref(), queue, delivery.message.clone(), "handler", &reason).await {
+            match park(
+                broker.as_ref(),
+                queue,
+                delivery.message.clone(),
+                "handler",
+                &reason,
+            )
+            .await
+            {
                 Ok(()) => {
                     handler.dead_lettered(&delivery.message, &reason).await;
                     delivery.ack().await

@@ -34,15 +34,74 @@ fn unavailable(what: &str, error: impl std::fmt::Display) -> ApiError {
 enum Accepted {
     /// New: its job still has to be published. Carries the call's JSON as stored.
     New(Call, Bytes, Message),
-    /// The idempotency key named an existing call with the same request.
-    Existing(Call),
+    /// The idempotency key named a call stored for the same request. With a job when that
+    /// call may still lack one (no worker touched it: the earlier submission's publish
+    /// failed or its ingress died), to publish again; a duplicate job is harmless.
+    Existing(Call, Option<Message>),
 }
 
+/// A validated submission, not yet stored.
+struct Valid {
+    call: Call,
+    fingerprint: String,
+}
+
+/// How often, and how far apart, an ingress retries marking a call `not_enqueued` when
+/// the store is down too (about a minute in all).
+const ABANDON_TRIES: u32 = 8;
+
 impl IngressState {
+    /// The first job of `call`, due when the call is.
+    fn first_job(&self, call: &Call) -> Message {
+        let deliver_at = call
+            .scheduled_for
+            .map(|due| wall_time(self.clock.as_ref(), due));
+        CallJob {
+            call_id: call.id.clone(),
+            attempt: 1,
+        }
+        .message(deliver_at)
+    }
+
+    /// A stored call named by a repeated submission, with the job to publish again if it
+    /// may have none: a call never picked up, or one abandoned as `not_enqueued` (queued
+    /// again, since its client is retrying).
+    async fn existing(&self, call: Call) -> Result<Accepted, ApiError> {
+        if call.awaits_first_job() {
+            let job = self.first_job(&call);
+            return Ok(Accepted::Existing(call, Some(job)));
+        }
+        let now = self.clock.now();
+        let revived = self
+            .calls
+            .update(&call.id, |c| c.revive_unenqueued(now))
+            .await
+            .map_err(|e| unavailable("store", e))?;
+        Ok(match revived {
+            Some((call, true)) => {
+                let job = self.first_job(&call);
+                Accepted::Existing(call, Some(job))
+            }
+            Some((call, false)) => Accepted::Existing(call, None),
+            None => Accepted::Existing(call, None),
+        })
+    }
+
     /// Validates, applies the idempotency key and stores the call record; publishing the
     /// job is the caller's (so a batch can publish in one pipelined round).
+    ///
+    /// Every step can be repeated: the key names the call id it claimed, the record is
+    /// created only if absent (under that id), and the job is published again while no
+    /// worker has touched the call. A client that retries after a 503 (broker or store
+    /// down at any point) ends with exactly one call, enqueued.
     async fn accept(&self, request: CallRequest) -> Result<Accepted, ApiError> {
-        let now = self.clock.now();
+        let valid = self.validate(request)?;
+        self.admit(valid).await
+    }
+
+    /// Turns a request into the call it asks for, touching nothing (a batch validates
+    /// every item before it stores any).
+    fn validate(&self, request: CallRequest) -> Result<Valid, ApiError> {
         // Only a keyed request is ever compared with another.
         let fingerprint = if request.idempotency_key.is_some() {
             request.fingerprint()
@@ -50,17 +109,26 @@ impl IngressState {
             String::new()
         };
         let call = request
-            .into_call(&self.defaults, now)
+            .into_call(&self.defaults, self.clock.now())
             .map_err(|e| ApiError::Invalid {
                 field: e.field,
                 message: e.message,
             })?;
-        if let Some(key) = &call.idempotency_key {
+        Ok(Valid { call, fingerprint })
+    }
+
+    /// Applies the idempotency key and stores a validated call.
+    async fn admit(&self, valid: Valid) -> Result<Accepted, ApiError> {
+        let Valid {
+            mut call,
+            fingerprint,
+        } = valid;
+        if let Some(key) = call.idempotency_key.clone() {
             let claim = format!("{} {fingerprint}", call.id);
             let existing = self
                 .calls
                 .store()
-                .claim_key(&idempotency_key(key), &claim, IDEMPOTENCY_TTL)
+                .claim_key(&idempotency_key(&key), &claim, IDEMPOTENCY_TTL)
                 .await
                 .map_err(|e| unavailable("store", e))?;
             if let Some(existing) = existing {
@@ -71,60 +139,81 @@ impl IngressState {
                         "idempotency_key was already used for a different request".into(),
                     ));
                 }
-                return match self
+                match self
                     .calls
                     .get(existing_id)
                     .await
                     .map_err(|e| unavailable("store", e))?
                 {
-                    Some(call) => Ok(Accepted::Existing(call)),
-                    None => Err(ApiError::Conflict(
-                        "a request with this idempotency_key is still being processed; retry shortly"
-                            .into(),
-                    )),
-                };
+                    Some(stored) => return self.existing(stored).await,
+                    // The claim outlived its record (the claiming request died, or the
+                    // store failed, before the call was stored): store it now, under the
+                    // claimed id, so concurrent retries converge on one call.
+                    None => call.assign_id(existing_id),
+                }
             }
         }
-        let Some(json) = self
+        match self
             .calls
             .create(&call)
             .await
             .map_err(|e| unavailable("store", e))?
-        else {
-            return Err(ApiError::Internal(format!(
+        {
+            Some(json) => {
+                let job = self.first_job(&call);
+                Ok(Accepted::New(call, json, job))
+            }
+            None if call.idempotency_key.is_some() => {
+                // A concurrent retry of the same submission stored it first.
+                match self
+                    .calls
+                    .get(&call.id)
+                    .await
+                    .map_err(|e| unavailable("store", e))?
+                {
+                    Some(stored) => self.existing(stored).await,
+                    None => Err(ApiError::Internal(format!("call {} vanished", call.id))),
+                }
+            }
+            None => Err(ApiError::Internal(format!(
                 "call id collision: {}",
                 call.id
-            )));
-        };
-        let deliver_at = call
-            .scheduled_for
-            .map(|due| wall_time(self.clock.as_ref(), due));
-        let message = CallJob {
-            call_id: call.id.clone(),
-            attempt: 1,
+            ))),
         }
-        .message(deliver_at);
-        Ok(Accepted::New(call, json, message))
     }
 
     /// The job could not be enqueued: the caller got a 503, so the record must not look
-    /// like a live call, and the key must be free for the caller's retry.
+    /// like a live call. Marked `failed`/`not_enqueued` unless a worker took it after all;
+    /// the key stays, so the client's retry revives this very call. When the store is
+    /// down as well, the mark is retried in the background for about a minute (a retry
+    /// by the client revives the call either way).
     async fn abandon(&self, call: &Call) {
-        let now = self.clock.now();
-        let result = self
-            .calls
-            .update(&call.id, |c| {
-                c.end_reason = Some("not_enqueued".into());
-                c.advance(CallStatus::Failed, now);
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::warn!(call_id = %call.id, error = %e, "could not mark an unenqueued call");
-        }
-        if let Some(key) = &call.idempotency_key {
-            if let Err(e) = self.calls.store().delete_key(&idempotency_key(key)).await {
-                tracing::warn!(call_id = %call.id, error = %e, "could not free an idempotency key");
+        let calls = self.calls.clone();
+        let clock = self.clock.clone();
+        let id = call.id.clone();
+        let mark = move || {
+            let calls = calls.clone();
+            let clock = clock.clone();
+            let id = id.clone();
+            async move {
+                let now = clock.now();
+                calls.update(&id, |c| c.abandon_unenqueued(now)).await
             }
+        };
+        if let Err(e) = mark().await {
+            tracing::warn!(call_id = %call.id, error = %e, "could not mark an unenqueued call; retrying in the background");
+            let call_id = call.id.clone();
+            tokio::spawn(async move {
+                let mut wait = Duration::from_millis(500);
+                for _ in 0..ABANDON_TRIES {
+                    tokio::time::sleep(wait).await;
+                    if mark().await.is_ok() {
+                        return;
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(15));
+                }
+                tracing::error!(%call_id, "gave up marking an unenqueued call; it stays queued until its client retries");
+            });
         }
     }
 }
@@ -143,7 +232,11 @@ pub async fn create_call(
     authorize(&state, &headers)?;
     let request: CallRequest = parse_json(&body_bytes(body)?)?;
     match state.accept(request).await? {
-        Accepted::Existing(call) => Ok((StatusCode::OK, Json(call)).into_response()),
+        Accepted::Existing(call, None) => Ok((StatusCode::OK, Json(call)).into_response()),
+        Accepted::Existing(call, Some(job)) => match state.broker.publish(job).await {
+            Ok(()) => Ok((StatusCode::OK, Json(call)).into_response()),
+            Err(e) => Err(unavailable("broker", e)),
+        },
         Accepted::New(call, json, message) => match state.broker.publish(message).await {
             Ok(()) => {
                 metrics::counter!(m::JOBS_ENQUEUED, "queue" => "call_jobs").increment(1);
@@ -212,14 +305,19 @@ pub async fn create_batch(
         });
     }
     let mut results: Vec<Option<BatchItem>> = (0..batch.calls.len()).map(|_| None).collect();
-    let mut pending = Vec::new();
+    // Every item is validated before any is stored, so a bad item cannot leave the ones
+    // before it half-accepted.
+    let mut valid = Vec::new();
     for (index, item) in batch.calls.into_iter().enumerate() {
-        let accepted = match crate::from_value::<CallRequest>(item) {
-            Ok(request) => state.accept(request).await,
-            Err(e) => Err(e),
-        };
-        match accepted {
-            Ok(Accepted::Existing(call)) => {
+        match crate::from_value::<CallRequest>(item).and_then(|r| state.validate(r)) {
+            Ok(v) => valid.push((index, v)),
+            Err(e) => results[index] = Some(error_item(index, &e)),
+        }
+    }
+    let mut pending = Vec::new();
+    for (index, v) in valid {
+        match state.admit(v).await {
+            Ok(Accepted::Existing(call, None)) => {
                 results[index] = Some(BatchItem {
                     index,
                     status: 200,
@@ -227,19 +325,30 @@ pub async fn create_batch(
                     error: None,
                 })
             }
-            Ok(Accepted::New(call, _, message)) => pending.push((index, call, message)),
-            Err(e @ ApiError::Unavailable { .. }) => return Err(e),
+            Ok(Accepted::Existing(call, Some(job))) => pending.push((index, call, job, false)),
+            Ok(Accepted::New(call, _, message)) => pending.push((index, call, message, true)),
+            Err(e @ ApiError::Unavailable { .. }) => {
+                // The store went away mid-batch: what was stored is not enqueued.
+                for (_, call, _, new) in &pending {
+                    if *new {
+                        state.abandon(call).await;
+                    }
+                }
+                return Err(e);
+            }
             Err(e) => results[index] = Some(error_item(index, &e)),
         }
     }
     if !pending.is_empty() {
-        let messages = pending.iter().map(|(_, _, m)| m.clone()).collect();
+        let messages = pending.iter().map(|(_, _, m, _)| m.clone()).collect();
         let outcomes = state.broker.publish_many(messages).await;
         let published = outcomes.iter().filter(|r| r.is_ok()).count();
         if published == 0 {
             // The broker is down: nothing was enqueued, so the whole batch is retryable.
-            for (_, call, _) in &pending {
-                state.abandon(call).await;
+            for (_, call, _, new) in &pending {
+                if *new {
+                    state.abandon(call).await;
+                }
             }
             let reason = outcomes
                 .into_iter()
@@ -249,16 +358,18 @@ pub async fn create_batch(
             return Err(unavailable("broker", reason));
         }
         metrics::counter!(m::JOBS_ENQUEUED, "queue" => "call_jobs").increment(published as u64);
-        for ((index, call, _), outcome) in pending.into_iter().zip(outcomes) {
+        for ((index, call, _, new), outcome) in pending.into_iter().zip(outcomes) {
             results[index] = Some(match outcome {
                 Ok(()) => BatchItem {
                     index,
-                    status: 202,
+                    status: if new { 202 } else { 200 },
                     call: Some(call),
                     error: None,
                 },
                 Err(e) => {
-                    state.abandon(&call).await;
+                    if new {
+                        state.abandon(&call).await;
+                    }
                     error_item(index, &unavailable("broker", e))
                 }
             });

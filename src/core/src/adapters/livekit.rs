@@ -47,6 +47,11 @@ impl LiveKitApi {
             timeout,
         }
     }
+
+    /// The per-request timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
 }
 
 /// Reduces an SDK error to what classification needs.
@@ -61,9 +66,12 @@ pub fn api_failure(err: &ServiceError) -> ApiFailure {
                 .and_then(|v| v.parse().ok()),
             sip_status: code.meta.get("sip_status").cloned(),
         },
+        // No connection, so nothing was sent (a connect timeout included).
+        ServiceError::Twirp(ServerError::Request(e)) if e.is_connect() => ApiFailure::Transport,
         ServiceError::Twirp(ServerError::Request(e)) if e.is_timeout() => ApiFailure::Timeout,
         ServiceError::Twirp(ServerError::Request(e)) if e.is_decode() => ApiFailure::Protocol,
-        ServiceError::Twirp(ServerError::Request(_)) => ApiFailure::Transport,
+        // Sent, then the connection broke (reset, EOF, a cut-off body).
+        ServiceError::Twirp(ServerError::Request(_)) => ApiFailure::Interrupted,
         ServiceError::Twirp(ServerError::Prost(_) | ServerError::Url(_)) => ApiFailure::Protocol,
         ServiceError::Env(_) | ServiceError::AccessToken(_) => ApiFailure::Protocol,
     }

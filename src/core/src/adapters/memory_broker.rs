@@ -361,10 +361,7 @@ impl Broker for MemoryBroker {
         let mut out: BTreeMap<String, u64> = WorkQueue::ALL
             .into_iter()
             .map(|q| {
-                let held = state
-                    .queues
-                    .get(&q)
-                    .map_or(0, |qs| qs.ready.len() as u64);
+                let held = state.queues.get(&q).map_or(0, |qs| qs.ready.len() as u64);
                 (q.as_str().to_owned(), held)
             })
             .collect();

@@ -883,11 +883,12 @@ impl Broker for RabbitBroker {
             .into_iter()
             .map(|q| (q.as_str().to_owned(), inner.queue_name(q)))
             .collect();
-        names.extend(
-            DELAY_TIERS
-                .into_iter()
-                .map(|t| (format!("delay.{}", delay::tier_name(t)), inner.tier_queue(t))),
-        );
+        names.extend(DELAY_TIERS.into_iter().map(|t| {
+            (
+                format!("delay.{}", delay::tier_name(t)),
+                inner.tier_queue(t),
+            )
+        }));
         names.push(("dead".into(), inner.dead_queue()));
         inner
             .with_temp_channel(|ch| async move {

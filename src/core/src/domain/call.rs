@@ -133,6 +133,10 @@ pub struct AttemptSteps {
     pub room_created: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dispatch_id: Option<String>,
+    /// Set before CreateDispatch is sent; kept when its answer was lost, so the next try
+    /// looks for the dispatch (ListDispatch) long enough before creating another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatch_started_at: Option<DateTime<Utc>>,
     /// Set before CreateSIPParticipant is sent: from then on a repeat must reconcile first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dial_started_at: Option<DateTime<Utc>>,
@@ -520,6 +524,51 @@ impl Call {
     }
 }
 
+/// Why a call never reached a worker: the broker refused its job and the client was told
+/// to retry (503).
+pub const NOT_ENQUEUED: &str = "not_enqueued";
+
+impl Call {
+    /// Gives the call another id (and so its room): a retried submission adopts the id
+    /// its idempotency key already claimed.
+    pub fn assign_id(&mut self, id: &str) {
+        self.id = id.to_owned();
+        self.room_name = room_for_call(id);
+    }
+
+    /// No worker has touched the call yet, so its first job may never have been published
+    /// (a submission whose publish failed, or whose ingress died before publishing).
+    pub fn awaits_first_job(&self) -> bool {
+        self.status == CallStatus::Queued && self.attempts.is_empty()
+    }
+
+    /// Marks a call whose job could not be enqueued as failed (`not_enqueued`), unless a
+    /// worker already took it (a publish whose confirm was lost may still have arrived).
+    pub fn abandon_unenqueued(&mut self, at: DateTime<Utc>) -> bool {
+        if !self.awaits_first_job() {
+            return false;
+        }
+        self.end_reason = Some(NOT_ENQUEUED.into());
+        self.advance(CallStatus::Failed, at)
+    }
+
+    /// Brings back a call abandoned as `not_enqueued` when its client retries the same
+    /// submission: it is queued again, as if the first publish had worked.
+    pub fn revive_unenqueued(&mut self, at: DateTime<Utc>) -> bool {
+        if self.status != CallStatus::Failed
+            || self.end_reason.as_deref() != Some(NOT_ENQUEUED)
+            || !self.attempts.is_empty()
+        {
+            return false;
+        }
+        self.status = CallStatus::Queued;
+        self.end_reason = None;
+        self.ended_at = None;
+        self.note(at, "resubmitted", None);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -758,5 +807,24 @@ mod tests {
             answered.callee_gone(SipOutcome::Failed, EndDetails::default(), now),
             Some(AfterAttempt::Final(CallStatus::Completed))
         );
+    }
+
+    #[test]
+    fn an_unenqueued_call_is_abandoned_then_revived_but_never_a_started_one() {
+        let at = Utc::now();
+        let mut call = sample(Direction::Outbound);
+        assert!(call.awaits_first_job());
+        assert!(call.abandon_unenqueued(at));
+        assert_eq!(call.status, CallStatus::Failed);
+        assert_eq!(call.end_reason.as_deref(), Some(NOT_ENQUEUED));
+        assert!(call.revive_unenqueued(at));
+        assert_eq!(call.status, CallStatus::Queued);
+        assert!(call.ended_at.is_none() && call.end_reason.is_none());
+        // A worker took it: the late "could not enqueue" must not fail a live call.
+        call.begin_attempt(at);
+        assert!(!call.abandon_unenqueued(at));
+        assert!(!call.revive_unenqueued(at));
+        call.assign_id("call_abc");
+        assert_eq!(call.room_name, room_for_call("call_abc"));
     }
 }

@@ -7,9 +7,13 @@ use serde::{Deserialize, Serialize};
 /// A failed LiveKit API call, reduced to what classification needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiFailure {
-    /// Connection refused/reset/dropped before a response.
+    /// Never sent: the connection could not be made (refused, unreachable, connect
+    /// timeout). LiveKit cannot have acted on it.
     Transport,
-    /// No response within the per-request timeout.
+    /// The connection broke after the request was sent (reset, EOF, a cut-off answer):
+    /// LiveKit may have carried it out.
+    Interrupted,
+    /// No answer within the per-request timeout: LiveKit may still be carrying it out.
     Timeout,
     /// A Twirp error response.
     Twirp {
@@ -86,7 +90,9 @@ impl SipOutcome {
 impl ApiFailure {
     pub fn classify(&self) -> FailureKind {
         match self {
-            ApiFailure::Transport | ApiFailure::Timeout => FailureKind::Retryable,
+            ApiFailure::Transport | ApiFailure::Interrupted | ApiFailure::Timeout => {
+                FailureKind::Retryable
+            }
             ApiFailure::Protocol => FailureKind::Permanent,
             ApiFailure::Twirp {
                 code,
@@ -113,10 +119,19 @@ impl ApiFailure {
         }
     }
 
+    /// LiveKit may have acted on the request although we got no answer: a request that is
+    /// not idempotent must then be settled from evidence (GetParticipant, ListDispatch,
+    /// webhooks), never sent again on the spot. Only "never sent" failures and LiveKit's
+    /// own error answers say that nothing happened.
+    pub fn maybe_processed(&self) -> bool {
+        matches!(self, ApiFailure::Interrupted | ApiFailure::Timeout)
+    }
+
     /// A short, bounded label for metrics (`transport`, `timeout`, the Twirp code, `protocol`).
     pub fn code_label(&self) -> &'static str {
         match self {
             ApiFailure::Transport => "transport",
+            ApiFailure::Interrupted => "interrupted",
             ApiFailure::Timeout => "timeout",
             ApiFailure::Protocol => "protocol",
             ApiFailure::Twirp { code, .. } => twirp_code_label(code),
@@ -169,6 +184,7 @@ mod tests {
     #[test]
     fn classifies_as_the_issue_table_says() {
         assert_eq!(ApiFailure::Transport.classify(), FailureKind::Retryable);
+        assert_eq!(ApiFailure::Interrupted.classify(), FailureKind::Retryable);
         assert_eq!(ApiFailure::Timeout.classify(), FailureKind::Retryable);
         for code in ["unavailable", "internal", "unknown"] {
             assert_eq!(
@@ -228,6 +244,15 @@ mod tests {
                 "{code}"
             );
         }
+    }
+
+    #[test]
+    fn only_failures_after_sending_may_have_been_processed() {
+        assert!(ApiFailure::Interrupted.maybe_processed());
+        assert!(ApiFailure::Timeout.maybe_processed());
+        assert!(!ApiFailure::Transport.maybe_processed());
+        assert!(!twirp("unavailable", None).maybe_processed());
+        assert!(!twirp("resource_exhausted", Some(486)).maybe_processed());
     }
 
     #[test]
