@@ -9,6 +9,7 @@ mod emulator;
 mod fleet;
 mod harness;
 mod lifecycle;
+mod lost_answers;
 mod outbound;
 mod store_conformance;
 mod webhooks;
