@@ -18,7 +18,8 @@ use callfleet_core::ports::WorkQueue;
 use callfleet_core::telemetry;
 use callfleet_ingress::IngressState;
 use callfleet_workers::{
-    CallDeps, OutboundCallHandler, OutboundSettings, WebhookEventHandler, WorkerRuntime,
+    CallDeps, OutboundCallHandler, OutboundSettings, SweepSettings, Sweeper, WebhookEventHandler,
+    WorkerRuntime,
 };
 use clap::{Parser, Subcommand};
 use livekit_emulator::{Emulator, EmulatorConfig};
@@ -152,11 +153,12 @@ async fn serve(
     }))
 }
 
+/// A worker process's runtime and its sweeper.
 fn worker_runtime(
     backends: &Backends,
     worker: &WorkerConfig,
     livekit: Arc<LiveKitApi>,
-) -> WorkerRuntime {
+) -> (WorkerRuntime, Sweeper) {
     // A request that timed out may still be running in LiveKit for a while.
     let livekit_settle = livekit.timeout() + Duration::from_secs(5);
     let deps = CallDeps {
@@ -173,7 +175,7 @@ fn worker_runtime(
             ..OutboundSettings::default()
         },
     };
-    WorkerRuntime::new(
+    let runtime = WorkerRuntime::new(
         Arc::clone(&backends.broker),
         worker.prefetch,
         worker.concurrency,
@@ -181,7 +183,16 @@ fn worker_runtime(
     )
     .with_delivery_limit(backends.delivery_limit)
     .with_handler(Arc::new(OutboundCallHandler::new(deps.clone())))
-    .with_handler(Arc::new(WebhookEventHandler::new(deps)))
+    .with_handler(Arc::new(WebhookEventHandler::new(deps.clone())));
+    let sweeper = Sweeper::new(
+        deps,
+        SweepSettings {
+            every: Duration::from_secs(worker.sweep_interval_s.max(1)),
+            quiet: Duration::from_secs(worker.sweep_after_s.max(1)),
+            ..SweepSettings::default()
+        },
+    );
+    (runtime, sweeper)
 }
 
 /// The trunk dev mode dials through when none is configured (the emulator takes any).
@@ -292,9 +303,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             )
             .await?;
             tracing::info!(addr = %worker.worker_http_addr, "worker health and metrics listening");
-            worker_runtime(&backends, &worker, api)
+            let (runtime, sweeper) = worker_runtime(&backends, &worker, api);
+            let sweeping = tokio::spawn(sweeper.run(stop.clone()));
+            runtime
                 .run(stop.clone(), worker.shutdown_deadline())
                 .await?;
+            let _ = sweeping.await;
             let _ = health.await;
             tracing::info!("worker stopped");
             Ok(())
@@ -346,7 +360,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             let api = livekit_client(&livekit_url, &livekit);
             let server = start_ingress(&backends, &ingress, &livekit, stop.clone()).await?;
-            let runtime = worker_runtime(&backends, &worker, api);
+            let (runtime, sweeper) = worker_runtime(&backends, &worker, api);
+            tokio::spawn(sweeper.run(stop.clone()));
             let worker_stop = stop.clone();
             let deadline = worker.shutdown_deadline();
             let workers = tokio::spawn(async move { runtime.run(worker_stop, deadline).await });

@@ -13,7 +13,8 @@ use callfleet_core::lifecycle::Readiness;
 use callfleet_core::ports::{Broker, Store};
 use callfleet_ingress::IngressState;
 use callfleet_workers::{
-    CallDeps, OutboundCallHandler, OutboundSettings, WebhookEventHandler, WorkerRuntime,
+    CallDeps, OutboundCallHandler, OutboundSettings, SweepSettings, Sweeper, WebhookEventHandler,
+    WorkerRuntime,
 };
 use livekit_emulator::{ApiRecord, Emulator, EmulatorConfig, RunningEmulator};
 use serde_json::Value;
@@ -45,6 +46,9 @@ pub struct FleetOptions {
     pub max_job_attempts: u32,
     /// Outages the test switches on and off (store operations, publishes).
     pub outage: Option<Arc<Outage>>,
+    /// The sweeper each worker runs (a long interval keeps it out of tests that do not
+    /// look at it).
+    pub sweep: SweepSettings,
 }
 
 impl Default for FleetOptions {
@@ -65,6 +69,10 @@ impl Default for FleetOptions {
             broker: None,
             max_job_attempts: 5,
             outage: None,
+            sweep: SweepSettings {
+                every: Duration::from_secs(3_600),
+                ..SweepSettings::default()
+            },
         }
     }
 }
@@ -81,6 +89,7 @@ pub struct TestFleet {
     livekit: Arc<LiveKitApi>,
     settings: OutboundSettings,
     max_job_attempts: u32,
+    sweep: SweepSettings,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -164,6 +173,7 @@ impl TestFleet {
             livekit,
             settings: options.settings,
             max_job_attempts: options.max_job_attempts,
+            sweep: options.sweep,
             stop,
             tasks,
         };
@@ -184,8 +194,10 @@ impl TestFleet {
         };
         let runtime = WorkerRuntime::new(Arc::clone(&self.broker), 64, 64, self.max_job_attempts)
             .with_handler(Arc::new(OutboundCallHandler::new(deps.clone())))
-            .with_handler(Arc::new(WebhookEventHandler::new(deps)));
+            .with_handler(Arc::new(WebhookEventHandler::new(deps.clone())));
         let stop = self.stop.clone();
+        let sweeper = Sweeper::new(deps, self.sweep.clone());
+        self.tasks.push(tokio::spawn(sweeper.run(stop.clone())));
         self.tasks.push(tokio::spawn(async move {
             let _ = runtime.run(stop, Duration::from_secs(5)).await;
         }));

@@ -290,6 +290,21 @@ impl Store for FlakyStore {
     async fn forget_seen(&self, event_id: &str) -> Result<(), callfleet_core::ports::StoreError> {
         self.inner.forget_seen(event_id).await
     }
+    async fn watch(&self, id: &str, due_ms: i64) -> Result<(), callfleet_core::ports::StoreError> {
+        self.outage.store("watch")?;
+        self.inner.watch(id, due_ms).await
+    }
+    async fn unwatch(&self, id: &str) -> Result<(), callfleet_core::ports::StoreError> {
+        self.outage.store("unwatch")?;
+        self.inner.unwatch(id).await
+    }
+    async fn due_watches(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, callfleet_core::ports::StoreError> {
+        self.inner.due_watches(now_ms, limit).await
+    }
     async fn try_lock(
         &self,
         name: &str,

@@ -12,5 +12,6 @@ mod lifecycle;
 mod lost_answers;
 mod outbound;
 mod store_conformance;
+mod sweeper;
 mod webhooks;
 mod worker_runtime;

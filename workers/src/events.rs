@@ -184,8 +184,9 @@ impl WebhookEventHandler {
             self.deps.settle(call, after).await?;
             return Ok("applied");
         }
-        // If an earlier settling died before queueing the retry, this repeat queues it.
-        self.deps.ensure_next_attempt(call).await?;
+        // A retry whose publishing died with its worker is queued by the redelivered job
+        // or the sweeper; queueing it again on every late event would only pile up
+        // delayed duplicates.
         Ok(if current { "applied" } else { "stale" })
     }
 }

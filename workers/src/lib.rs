@@ -5,8 +5,10 @@ pub mod calls;
 pub mod events;
 pub mod outbound;
 pub mod runtime;
+pub mod sweeper;
 
 pub use calls::{CallDeps, OutboundSettings};
 pub use events::WebhookEventHandler;
 pub use outbound::OutboundCallHandler;
 pub use runtime::{Handler, HandlerOutcome, WorkerRuntime};
+pub use sweeper::{SweepSettings, Sweeper};

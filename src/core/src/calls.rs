@@ -119,6 +119,9 @@ pub struct CallPage {
 /// (and a cursor to continue), so a rare filter cannot make one request scan everything.
 const MAX_SCAN: usize = 2_000;
 const CAS_ATTEMPTS: usize = 32;
+/// The watch list holds, per call not yet final, the time it is due to move (its due
+/// time, or when it was last looked at); the sweeper looks at calls quiet past that.
+const WATCH_AFTER: chrono::Duration = chrono::Duration::zero();
 
 /// Typed access to call records.
 #[derive(Clone)]
@@ -144,6 +147,11 @@ impl CallBook {
     /// the id is taken. Handing the JSON back lets the ingress answer without encoding the
     /// call a second time.
     pub async fn create(&self, call: &Call) -> Result<Option<Bytes>, CallBookError> {
+        // Watched before it exists, so no call can be stored without the sweeper knowing
+        // of it (a watch without its call is dropped by the sweeper).
+        if let Some(at) = call.look_at(WATCH_AFTER) {
+            self.store.watch(&call.id, at.timestamp_millis()).await?;
+        }
         let json = encode(call);
         let created = self
             .store
@@ -185,17 +193,37 @@ impl CallBook {
                 return Ok(None);
             };
             let before = encode(&call);
+            let (was_final, was_due) = (call.status.is_terminal(), call.scheduled_for);
             let value = change(&mut call);
             let after = encode(&call);
             if before == after {
                 return Ok(Some((call, value)));
             }
             match self.store.update_record(id, version, after).await? {
-                CasOutcome::Updated(_) => return Ok(Some((call, value))),
+                CasOutcome::Updated(_) => {
+                    self.rewatch(&call, was_final, was_due).await;
+                    return Ok(Some((call, value)));
+                }
                 CasOutcome::Conflict => continue,
             }
         }
         Err(CallBookError::Contended(id.to_owned()))
+    }
+
+    /// Keeps the sweeper's watch list in step with a change: off it once final, moved
+    /// when the call's due time moved. A failure here only makes the sweeper look early
+    /// (or at a final call, which it then drops), so it is logged, not returned.
+    async fn rewatch(&self, call: &Call, was_final: bool, was_due: Option<DateTime<Utc>>) {
+        let result = match call.look_at(WATCH_AFTER) {
+            None if !was_final => self.store.unwatch(&call.id).await,
+            Some(at) if call.scheduled_for != was_due => {
+                self.store.watch(&call.id, at.timestamp_millis()).await
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::debug!(call_id = %call.id, error = %e, "watch list not updated");
+        }
     }
 
     /// Calls matching `filter`, newest first, at most `limit`, continuing after `cursor`.

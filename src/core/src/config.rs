@@ -331,6 +331,12 @@ pub struct WorkerConfig {
     /// Delivery attempts of a job failing transiently before it is dead-lettered.
     #[arg(long, env = "CALLFLEET_MAX_JOB_ATTEMPTS", default_value_t = 8)]
     pub max_job_attempts: u32,
+    /// How often a worker looks for calls that stopped moving (one worker at a time).
+    #[arg(long, env = "CALLFLEET_SWEEP_INTERVAL_S", default_value_t = 30)]
+    pub sweep_interval_s: u64,
+    /// How long a call may stay quiet past its due time before the sweeper repairs it.
+    #[arg(long, env = "CALLFLEET_SWEEP_AFTER_S", default_value_t = 120)]
+    pub sweep_after_s: u64,
 }
 
 impl WorkerConfig {

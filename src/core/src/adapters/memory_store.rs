@@ -29,6 +29,8 @@ struct State {
     /// GCRA theoretical arrival time per key.
     tat: HashMap<String, Instant>,
     leases: HashMap<String, HashMap<String, Instant>>,
+    /// Watched id → due (epoch ms).
+    watches: HashMap<String, i64>,
 }
 
 impl MemoryStore {
@@ -145,6 +147,36 @@ impl Store for MemoryStore {
     async fn delete_key(&self, key: &str) -> Result<(), StoreError> {
         self.state.lock().await.keys.remove(&format!("key:{key}"));
         Ok(())
+    }
+
+    async fn watch(&self, id: &str, due_ms: i64) -> Result<(), StoreError> {
+        self.state
+            .lock()
+            .await
+            .watches
+            .insert(id.to_owned(), due_ms);
+        Ok(())
+    }
+
+    async fn unwatch(&self, id: &str) -> Result<(), StoreError> {
+        self.state.lock().await.watches.remove(id);
+        Ok(())
+    }
+
+    async fn due_watches(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        let state = self.state.lock().await;
+        let mut due: Vec<(i64, &String)> = state
+            .watches
+            .iter()
+            .filter(|(_, at)| **at <= now_ms)
+            .map(|(id, at)| (*at, id))
+            .collect();
+        due.sort();
+        Ok(due
+            .into_iter()
+            .take(limit)
+            .map(|(_, id)| id.clone())
+            .collect())
     }
 
     async fn first_seen(&self, event_id: &str, ttl: Duration) -> Result<bool, StoreError> {

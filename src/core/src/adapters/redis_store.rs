@@ -134,6 +134,10 @@ impl RedisStore {
     fn index_key(&self) -> String {
         format!("{}:index:records", self.prefix)
     }
+
+    fn watch_key(&self) -> String {
+        format!("{}:index:watch", self.prefix)
+    }
 }
 
 #[async_trait]
@@ -272,6 +276,25 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let _: i64 = conn.del(self.key("key", key)).await.map_err(err)?;
         Ok(())
+    }
+
+    async fn watch(&self, id: &str, due_ms: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.zadd(self.watch_key(), id, due_ms).await.map_err(err)?;
+        Ok(())
+    }
+
+    async fn unwatch(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.zrem(self.watch_key(), id).await.map_err(err)?;
+        Ok(())
+    }
+
+    async fn due_watches(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        conn.zrangebyscore_limit(self.watch_key(), "-inf", now_ms, 0, limit as isize)
+            .await
+            .map_err(err)
     }
 
     async fn first_seen(&self, event_id: &str, ttl: Duration) -> Result<bool, StoreError> {

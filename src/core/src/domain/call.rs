@@ -569,6 +569,74 @@ impl Call {
     }
 }
 
+/// What the sweeper does about a call that has been quiet for too long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stuck {
+    /// The job of this attempt may never have been published (the worker died between
+    /// recording the previous attempt's end and queueing the retry; a first job lost):
+    /// publish it again. A duplicate job is harmless.
+    QueueAttempt(u32),
+    /// This attempt stopped before its dial was settled (a worker died mid-step): publish
+    /// its job again; the job resumes from the journal and reconciles with LiveKit.
+    ResumeAttempt(u32),
+    /// This attempt's participant joined and no end was heard: ask LiveKit whether it is
+    /// still there.
+    CheckLive(u32),
+}
+
+impl Stuck {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stuck::QueueAttempt(_) => "queue_attempt",
+            Stuck::ResumeAttempt(_) => "resume_attempt",
+            Stuck::CheckLive(_) => "check_live",
+        }
+    }
+}
+
+impl Call {
+    /// When the sweeper should look at this call if nothing moves it before: `after` past
+    /// its due time or its last change. `None` once it is final.
+    pub fn look_at(&self, after: chrono::Duration) -> Option<DateTime<Utc>> {
+        if self.status.is_terminal() || self.direction != Direction::Outbound {
+            return None;
+        }
+        Some(
+            self.scheduled_for
+                .unwrap_or(self.updated_at)
+                .max(self.updated_at)
+                + after,
+        )
+    }
+
+    /// What is stuck about this call at `now`, if it has been quiet for `quiet` past its
+    /// due time (a dial waiting for its answer gets its ringing time on top).
+    pub fn stuck(&self, now: DateTime<Utc>, quiet: chrono::Duration) -> Option<Stuck> {
+        let since = self.look_at(quiet)?;
+        let attempt = self.current_attempt();
+        let ringing = match attempt {
+            Some(a)
+                if self.wait_until_answered
+                    && a.dial_started()
+                    && a.steps.participant_sid.is_none()
+                    && !a.is_over() =>
+            {
+                chrono::Duration::seconds(i64::from(self.ringing_timeout_s.unwrap_or(30)))
+            }
+            _ => chrono::Duration::zero(),
+        };
+        if now < since + ringing {
+            return None;
+        }
+        Some(match attempt {
+            None => Stuck::QueueAttempt(1),
+            Some(a) if a.is_over() => Stuck::QueueAttempt(a.number + 1),
+            Some(a) if a.steps.participant_sid.is_some() => Stuck::CheckLive(a.number),
+            Some(a) => Stuck::ResumeAttempt(a.number),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -826,5 +894,38 @@ mod tests {
         assert!(!call.revive_unenqueued(at));
         call.assign_id("call_abc");
         assert_eq!(call.room_name, room_for_call("call_abc"));
+    }
+
+    #[test]
+    fn a_quiet_call_is_stuck_in_the_step_it_stopped_at() {
+        let quiet = chrono::Duration::seconds(120);
+        let t0 = Utc::now();
+        let later = t0 + chrono::Duration::seconds(121);
+        let mut call = sample(Direction::Outbound);
+        call.updated_at = t0;
+        assert_eq!(call.stuck(t0, quiet), None, "not quiet long enough");
+        assert_eq!(call.stuck(later, quiet), Some(Stuck::QueueAttempt(1)));
+        call.begin_attempt(t0);
+        assert_eq!(call.stuck(later, quiet), Some(Stuck::ResumeAttempt(1)));
+        if let Some(a) = call.current_attempt_mut() {
+            a.steps.participant_sid = Some("PA_1".into());
+        }
+        assert_eq!(call.stuck(later, quiet), Some(Stuck::CheckLive(1)));
+        // A retry due later is not stuck before its time.
+        if let Some(a) = call.current_attempt_mut() {
+            a.ended_at = Some(t0);
+        }
+        call.status = CallStatus::Scheduled;
+        call.scheduled_for = Some(t0 + chrono::Duration::seconds(600));
+        assert_eq!(call.stuck(later, quiet), None);
+        let past_due = t0 + chrono::Duration::seconds(721);
+        assert_eq!(call.stuck(past_due, quiet), Some(Stuck::QueueAttempt(2)));
+        call.advance(CallStatus::Failed, past_due);
+        assert_eq!(
+            call.stuck(past_due, quiet),
+            None,
+            "final calls are never stuck"
+        );
+        assert_eq!(call.look_at(quiet), None);
     }
 }

@@ -109,6 +109,15 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets a seen mark (when handling failed and the event must be processed again).
     async fn forget_seen(&self, event_id: &str) -> Result<(), StoreError>;
 
+    // --- watch list ----------------------------------------------------------------------
+    /// Puts `id` on the watch list, to be looked at from `due_ms` (epoch milliseconds) on;
+    /// replaces an earlier due time. The sweeper's list of calls not yet final.
+    async fn watch(&self, id: &str, due_ms: i64) -> Result<(), StoreError>;
+    /// Takes `id` off the watch list.
+    async fn unwatch(&self, id: &str) -> Result<(), StoreError>;
+    /// Up to `limit` watched ids due at or before `now_ms`, earliest first.
+    async fn due_watches(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, StoreError>;
+
     // --- locks -------------------------------------------------------------------------
     async fn try_lock(&self, name: &str, ttl: Duration) -> Result<Option<LockToken>, StoreError>;
     /// Extends a held lock; false if it expired or someone else holds it.
