@@ -46,10 +46,6 @@ struct Valid {
     fingerprint: String,
 }
 
-/// How often, and how far apart, an ingress retries marking a call `not_enqueued` when
-/// the store is down too (about a minute in all).
-const ABANDON_TRIES: u32 = 8;
-
 impl IngressState {
     /// The first job of `call`, due when the call is.
     fn first_job(&self, call: &Call) -> Message {
@@ -184,36 +180,18 @@ impl IngressState {
 
     /// The job could not be enqueued: the caller got a 503, so the record must not look
     /// like a live call. Marked `failed`/`not_enqueued` unless a worker took it after all;
-    /// the key stays, so the client's retry revives this very call. When the store is
-    /// down as well, the mark is retried in the background for about a minute (a retry
-    /// by the client revives the call either way).
+    /// the key stays, so the client's retry revives this very call. If the store is down
+    /// too, the call stays `queued` without a job: a retry with the key enqueues it, and
+    /// without one the sweeper does after `CALLFLEET_SWEEP_AFTER_S` (retrying the mark in
+    /// the background instead could fail a call its client has meanwhile resubmitted).
     async fn abandon(&self, call: &Call) {
-        let calls = self.calls.clone();
-        let clock = self.clock.clone();
-        let id = call.id.clone();
-        let mark = move || {
-            let calls = calls.clone();
-            let clock = clock.clone();
-            let id = id.clone();
-            async move {
-                let now = clock.now();
-                calls.update(&id, |c| c.abandon_unenqueued(now)).await
-            }
-        };
-        if let Err(e) = mark().await {
-            tracing::warn!(call_id = %call.id, error = %e, "could not mark an unenqueued call; retrying in the background");
-            let call_id = call.id.clone();
-            tokio::spawn(async move {
-                let mut wait = Duration::from_millis(500);
-                for _ in 0..ABANDON_TRIES {
-                    tokio::time::sleep(wait).await;
-                    if mark().await.is_ok() {
-                        return;
-                    }
-                    wait = (wait * 2).min(Duration::from_secs(15));
-                }
-                tracing::error!(%call_id, "gave up marking an unenqueued call; it stays queued until its client retries");
-            });
+        let now = self.clock.now();
+        if let Err(e) = self
+            .calls
+            .update(&call.id, |c| c.abandon_unenqueued(now))
+            .await
+        {
+            tracing::warn!(call_id = %call.id, error = %e, "could not mark an unenqueued call; it stays queued");
         }
     }
 }
