@@ -142,10 +142,10 @@ impl WorkerRuntime {
             });
         }
         drop(job_tx);
-        // Queue depth for dashboards and autoscaling (a bounded label: the queue kind).
+        // Depth of every queue (work queues, delay tiers, dead letters) for dashboards,
+        // alerts and autoscaling; the label is the queue's logical name, a bounded set.
         let sampler = {
             let broker = Arc::clone(&self.broker);
-            let queues: Vec<WorkQueue> = self.handlers.keys().copied().collect();
             let stop = stop.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(DEPTH_SAMPLE_EVERY);
@@ -154,10 +154,9 @@ impl WorkerRuntime {
                         _ = stop.cancelled() => break,
                         _ = tick.tick() => {}
                     }
-                    for queue in &queues {
-                        if let Ok(depth) = broker.queue_depth(*queue).await {
-                            metrics::gauge!(m::QUEUE_DEPTH, "queue" => queue.as_str())
-                                .set(depth as f64);
+                    if let Ok(census) = broker.census().await {
+                        for (queue, depth) in census {
+                            metrics::gauge!(m::QUEUE_DEPTH, "queue" => queue).set(depth as f64);
                         }
                     }
                 }
