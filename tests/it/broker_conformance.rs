@@ -331,8 +331,8 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $name() {
                     let (broker, prefix) = crate::harness::rabbit_broker(stringify!($name), 3).await;
+                    let _clean = crate::harness::CleanOnDrop(prefix);
                     super::$name(broker $(, $arg)?).await;
-                    crate::harness::cleanup_rabbit(&prefix).await;
                 }
             )*
         }
@@ -360,7 +360,7 @@ mod rabbitmq_only {
     use callfleet_core::adapters::{RabbitBroker, RabbitConfig};
     use callfleet_core::ports::{Broker, Message, WorkQueue};
 
-    use crate::harness::{cleanup_rabbit, rabbit_broker};
+    use crate::harness::rabbit_broker;
 
     #[tokio::test]
     async fn unreachable_broker_fails_fast() {
@@ -383,6 +383,7 @@ mod rabbitmq_only {
     #[tokio::test]
     async fn declaring_the_topology_twice_is_idempotent() {
         let (first, prefix) = rabbit_broker("idempotent", 3).await;
+        let _clean = crate::harness::CleanOnDrop(prefix.clone());
         let second = RabbitBroker::connect(RabbitConfig {
             url: crate::harness::amqp_url(),
             prefix: prefix.clone(),
@@ -399,7 +400,6 @@ mod rabbitmq_only {
             first.queue_depth(WorkQueue::CallJobs).await.expect("depth"),
             1
         );
-        cleanup_rabbit(&prefix).await;
     }
 
     /// Closes this test's connections only (named after its prefix), as
@@ -434,6 +434,7 @@ mod rabbitmq_only {
     #[tokio::test]
     async fn recovers_after_the_broker_closes_the_connection_without_losing_messages() {
         let (broker, prefix) = rabbit_broker("recovery", 5).await;
+        let _clean = crate::harness::CleanOnDrop(prefix.clone());
         let mut sub = broker
             .subscribe(WorkQueue::CallJobs, 4)
             .await
@@ -486,25 +487,10 @@ mod rabbitmq_only {
             seen.contains(&before.id) && seen.contains(&after.id),
             "no message lost: {seen:?}"
         );
-        cleanup_rabbit(&prefix).await;
     }
 
     fn text(v: &str) -> AMQPValue {
         AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
-    }
-
-    async fn raw_channel() -> (lapin::Connection, lapin::Channel) {
-        let conn = lapin::Connection::connect(
-            &crate::harness::amqp_url(),
-            lapin::ConnectionProperties::default(),
-        )
-        .await
-        .expect("RabbitMQ reachable");
-        let ch = conn.create_channel().await.expect("channel");
-        ch.confirm_select(Default::default())
-            .await
-            .expect("confirms");
-        (conn, ch)
     }
 
     /// Every delay tier, the day-long ones included, hands each message back to its own
@@ -514,7 +500,8 @@ mod rabbitmq_only {
     async fn every_delay_tier_returns_messages_to_their_own_queue_only() {
         const N: u64 = 5;
         let (broker, prefix) = rabbit_broker("tiers", 3).await;
-        let (conn, ch) = raw_channel().await;
+        let _clean = crate::harness::CleanOnDrop(prefix.clone());
+        let (conn, ch) = crate::harness::raw_channel().await;
         let tiers = callfleet_core::domain::delay::DELAY_TIERS;
         for tier in tiers {
             let tier_queue = format!(
@@ -565,7 +552,6 @@ mod rabbitmq_only {
         )
         .await;
         let _ = conn.close(200, "done".into()).await;
-        cleanup_rabbit(&prefix).await;
     }
 
     /// A broker that still has the bindings of a version that fanned out (`x-match: all`
@@ -574,7 +560,8 @@ mod rabbitmq_only {
     #[tokio::test]
     async fn bindings_left_by_an_earlier_version_stop_fanning_out() {
         let (first, prefix) = rabbit_broker("legacy", 3).await;
-        let (conn, ch) = raw_channel().await;
+        let _clean = crate::harness::CleanOnDrop(prefix.clone());
+        let (conn, ch) = crate::harness::raw_channel().await;
         for queue in WorkQueue::ALL {
             let mut bind = FieldTable::default();
             bind.insert("x-match".into(), text("all"));
@@ -611,6 +598,5 @@ mod rabbitmq_only {
         .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         super::assert_census(&broker, &[("webhook_events", 1)]).await;
-        cleanup_rabbit(&prefix).await;
     }
 }

@@ -21,7 +21,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{
-    cleanup_rabbit, eventually, memory_broker, memory_store, rabbit_broker, redis_store_at,
+    eventually, memory_broker, memory_store, rabbit_broker, redis_store_at, CleanOnDrop,
     FlakyBroker, FlakyStore, Outage,
 };
 
@@ -92,6 +92,8 @@ pub struct TestFleet {
     sweep: SweepSettings,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Deletes the fleet's queues and keys when the fleet goes, failed test or not.
+    _clean: Option<CleanOnDrop>,
 }
 
 impl TestFleet {
@@ -161,6 +163,7 @@ impl TestFleet {
             "secret",
             Duration::from_secs(10),
         ));
+        let clean = prefix.clone().map(CleanOnDrop);
         let mut fleet = Self {
             base,
             http: reqwest::Client::new(),
@@ -176,6 +179,7 @@ impl TestFleet {
             sweep: options.sweep,
             stop,
             tasks,
+            _clean: clean,
         };
         for _ in 0..options.workers {
             fleet.spawn_worker();
@@ -270,8 +274,6 @@ impl TestFleet {
         if let Some(running) = self.running.take() {
             running.shutdown().await;
         }
-        if let Some(prefix) = &self.prefix {
-            cleanup_rabbit(prefix).await;
-        }
+        // Dropping the fleet deletes its queues and keys (`_clean`).
     }
 }

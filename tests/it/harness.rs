@@ -105,6 +105,81 @@ pub async fn dead_letter_of(broker: &dyn Broker, id: &str, timeout: Duration) ->
     .await
 }
 
+/// Deletes a test's queues, exchanges and Redis keys when dropped: at the end of a test,
+/// and also when it fails (its panic skips its last lines), so no run leaves anything on
+/// the shared RabbitMQ and Redis.
+pub struct CleanOnDrop(pub String);
+
+impl Drop for CleanOnDrop {
+    fn drop(&mut self) {
+        let prefix = std::mem::take(&mut self.0);
+        // Drop cannot await; a thread with its own runtime can, even inside a test's.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                cleanup_rabbit(&prefix).await;
+                cleanup_redis(&prefix).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// A plain lapin connection and a confirm-mode channel, for tests that put messages
+/// where the adapter never would (straight into a delay tier, onto the wrong queue).
+pub async fn raw_channel() -> (lapin::Connection, lapin::Channel) {
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("RabbitMQ must be reachable at {}: {e}", amqp_url()));
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    (conn, ch)
+}
+
+/// What the emulator does when a number is dialed: `outcome` after 100 ms of ringing,
+/// then (if answered) a hang-up after `talk_ms`.
+pub fn script(
+    outcome: livekit_emulator::Outcome,
+    talk_ms: Option<u64>,
+) -> livekit_emulator::CallScript {
+    livekit_emulator::CallScript {
+        outcome,
+        ring_ms: 100,
+        talk_ms,
+        sip_status: None,
+    }
+}
+
+/// Deletes every Redis key under `prefix:` (best effort).
+pub async fn cleanup_redis(prefix: &str) {
+    let Ok(client) = redis::Client::open(redis_url()) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let keys: Vec<String> =
+        match redis::AsyncCommands::scan_match::<_, String>(&mut conn, format!("{prefix}:*")).await
+        {
+            Ok(iter) => {
+                let found: Vec<redis::RedisResult<String>> =
+                    futures::StreamExt::collect(iter).await;
+                found.into_iter().filter_map(Result::ok).collect()
+            }
+            Err(_) => return,
+        };
+    for chunk in keys.chunks(500) {
+        let _: Result<i64, _> = redis::AsyncCommands::del(&mut conn, chunk).await;
+    }
+}
+
 /// Deletes a test's RabbitMQ queues and exchanges (best effort) so runs do not pile up.
 pub async fn cleanup_rabbit(prefix: &str) {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
@@ -230,9 +305,12 @@ impl Store for FlakyStore {
         id: &str,
         data: bytes::Bytes,
         index_score: Option<i64>,
+        watch_ms: Option<i64>,
     ) -> Result<bool, callfleet_core::ports::StoreError> {
         self.outage.store("create_record")?;
-        self.inner.create_record(id, data, index_score).await
+        self.inner
+            .create_record(id, data, index_score, watch_ms)
+            .await
     }
     async fn get_record(
         &self,
@@ -286,9 +364,6 @@ impl Store for FlakyStore {
     ) -> Result<bool, callfleet_core::ports::StoreError> {
         self.outage.store("first_seen")?;
         self.inner.first_seen(event_id, ttl).await
-    }
-    async fn forget_seen(&self, event_id: &str) -> Result<(), callfleet_core::ports::StoreError> {
-        self.inner.forget_seen(event_id).await
     }
     async fn watch(&self, id: &str, due_ms: i64) -> Result<(), callfleet_core::ports::StoreError> {
         self.outage.store("watch")?;

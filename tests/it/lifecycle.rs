@@ -27,6 +27,7 @@ async fn get(app: axum::Router, path: &str) -> (u16, String) {
 #[tokio::test]
 async fn readyz_reflects_real_dependencies_and_healthz_does_not() {
     let (broker, prefix) = crate::harness::rabbit_broker("readyz", 3).await;
+    let _clean = crate::harness::CleanOnDrop(prefix.clone());
     let up = Readiness {
         broker,
         store: crate::harness::redis_store("readyz").await,
@@ -46,7 +47,6 @@ async fn readyz_reflects_real_dependencies_and_healthz_does_not() {
         200,
         "alive even when dependencies are not"
     );
-    crate::harness::cleanup_rabbit(&prefix).await;
 }
 
 #[tokio::test]

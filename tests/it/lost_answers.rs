@@ -21,12 +21,7 @@ const NOT_REDIALED: &str = "dial outcome unknown after an interrupted dial; not 
 /// Answers at once, talks long enough that the participant is still in the room when the
 /// next delivery of the job asks LiveKit for it, then hangs up.
 fn answers(talk_ms: u64) -> CallScript {
-    CallScript {
-        outcome: Outcome::Answer,
-        ring_ms: 100,
-        talk_ms: Some(talk_ms),
-        sip_status: None,
-    }
+    crate::harness::script(Outcome::Answer, Some(talk_ms))
 }
 
 fn fault_on(method: &str, fault: MethodFault) -> Faults {
@@ -117,18 +112,32 @@ async fn get_call(fleet: &TestFleet, id: &str) -> Value {
     call
 }
 
+/// Waits until every call has one of `statuses`, checking `guard` meanwhile.
+async fn wait_until(
+    fleet: &TestFleet,
+    ids: &[String],
+    statuses: &[&str],
+    guard: &dyn Fn(&TestFleet),
+) {
+    for id in ids {
+        eventually(
+            &format!("call {id} to reach {statuses:?}"),
+            WAIT,
+            || async {
+                guard(fleet);
+                let call = get_call(fleet, id).await;
+                let status = call["status"].as_str().unwrap_or_default();
+                statuses.contains(&status).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
 /// Waits until every call is final (completed, failed, ...), checking `guard` meanwhile.
 async fn wait_final(fleet: &TestFleet, ids: &[String], guard: &dyn Fn(&TestFleet)) {
     const FINAL: [&str; 5] = ["completed", "failed", "no_answer", "busy", "canceled"];
-    for id in ids {
-        eventually(&format!("call {id} to end"), WAIT, || async {
-            guard(fleet);
-            let call = get_call(fleet, id).await;
-            let status = call["status"].as_str().unwrap_or_default();
-            FINAL.contains(&status).then_some(())
-        })
-        .await;
-    }
+    wait_until(fleet, ids, &FINAL, guard).await;
 }
 
 /// Waits until the broker holds nothing (every work queue, delay tier and the dead-letter
@@ -182,13 +191,7 @@ async fn lost_dial_answers_are_settled_from_livekit_never_resent() {
     ));
     let calls = submit_calls(&fleet, 7000, 20).await;
     let ids: Vec<String> = calls.iter().map(|(id, _)| id.clone()).collect();
-    for id in &ids {
-        eventually(&format!("call {id} to complete"), WAIT, || async {
-            no_duplicates(&fleet);
-            (get_call(&fleet, id).await["status"] == "completed").then_some(())
-        })
-        .await;
-    }
+    wait_until(&fleet, &ids, &["completed"], &no_duplicates).await;
     assert_quiet(&fleet, &no_duplicates).await;
 
     let dials = executed_by(&fleet, "CreateSIPParticipant", by_identity);
@@ -233,13 +236,7 @@ async fn lost_dispatch_answers_are_found_by_list_dispatch_never_resent() {
     ));
     let calls = submit_calls(&fleet, 7100, 10).await;
     let ids: Vec<String> = calls.iter().map(|(id, _)| id.clone()).collect();
-    for id in &ids {
-        eventually(&format!("call {id} to complete"), WAIT, || async {
-            no_duplicates(&fleet);
-            (get_call(&fleet, id).await["status"] == "completed").then_some(())
-        })
-        .await;
-    }
+    wait_until(&fleet, &ids, &["completed"], &no_duplicates).await;
     assert_quiet(&fleet, &no_duplicates).await;
 
     let dispatches = executed_by(&fleet, "CreateDispatch", by_room);
@@ -283,13 +280,7 @@ async fn a_dial_completing_after_the_client_timeout_is_not_resent() {
     ));
     let calls = submit_calls(&fleet, 7200, 3).await;
     let ids: Vec<String> = calls.iter().map(|(id, _)| id.clone()).collect();
-    for id in &ids {
-        eventually(&format!("call {id} to complete"), WAIT, || async {
-            dials_never_twice(&fleet);
-            (get_call(&fleet, id).await["status"] == "completed").then_some(())
-        })
-        .await;
-    }
+    wait_until(&fleet, &ids, &["completed"], &dials_never_twice).await;
     // A re-send would still be in flight (or arrive) here: wait it out.
     assert_quiet(&fleet, &dials_never_twice).await;
 
@@ -365,13 +356,7 @@ async fn rejected_dials_are_resent_and_lost_answers_never() {
     ));
     let calls = submit_calls(&fleet, 7400, 16).await;
     let ids: Vec<String> = calls.iter().map(|(id, _)| id.clone()).collect();
-    for id in &ids {
-        eventually(&format!("call {id} to complete"), WAIT, || async {
-            no_duplicates(&fleet);
-            (get_call(&fleet, id).await["status"] == "completed").then_some(())
-        })
-        .await;
-    }
+    wait_until(&fleet, &ids, &["completed"], &no_duplicates).await;
     assert_quiet(&fleet, &no_duplicates).await;
 
     let records = fleet.emulator.requests_of("CreateSIPParticipant");

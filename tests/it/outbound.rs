@@ -11,18 +11,9 @@ use livekit_emulator::{CallScript, MethodFault, Outcome};
 use serde_json::{json, Value};
 
 use crate::fleet::{Backing, FleetOptions, TestFleet};
-use crate::harness::eventually;
+use crate::harness::{eventually, script};
 
 const SLOW: Duration = Duration::from_secs(20);
-
-fn script(outcome: Outcome, talk_ms: Option<u64>) -> CallScript {
-    CallScript {
-        outcome,
-        ring_ms: 100,
-        talk_ms,
-        sip_status: None,
-    }
-}
 
 fn statuses(call: &Value) -> Vec<String> {
     call["timeline"]

@@ -9,12 +9,12 @@ use callfleet_core::ports::Store;
 
 pub async fn records_create_read_cas(store: Arc<dyn Store>) {
     assert!(store
-        .create_record("call_1", Bytes::from_static(b"v1"), Some(10))
+        .create_record("call_1", Bytes::from_static(b"v1"), Some(10), None)
         .await
         .expect("create"));
     assert!(
         !store
-            .create_record("call_1", Bytes::from_static(b"other"), Some(10))
+            .create_record("call_1", Bytes::from_static(b"other"), Some(10), None)
             .await
             .expect("create again"),
         "create-if-absent"
@@ -61,7 +61,7 @@ pub async fn records_create_read_cas(store: Arc<dyn Store>) {
 
 pub async fn concurrent_writers_lose_no_update(store: Arc<dyn Store>) {
     store
-        .create_record("counter", Bytes::from_static(b"0"), None)
+        .create_record("counter", Bytes::from_static(b"0"), None, None)
         .await
         .expect("create");
     let mut tasks = Vec::new();
@@ -106,7 +106,7 @@ pub async fn concurrent_writers_lose_no_update(store: Arc<dyn Store>) {
 pub async fn index_lists_newest_first_with_cursor(store: Arc<dyn Store>) {
     for i in 0..7 {
         store
-            .create_record(&format!("r{i}"), Bytes::new(), Some(1_000 + i))
+            .create_record(&format!("r{i}"), Bytes::new(), Some(1_000 + i), None)
             .await
             .expect("create");
     }
@@ -157,14 +157,6 @@ pub async fn idempotency_keys_and_event_dedupe(store: Arc<dyn Store>) {
             .await
             .expect("seen"),
         "duplicate detected"
-    );
-    store.forget_seen("EV_1").await.expect("forget");
-    assert!(
-        store
-            .first_seen("EV_1", Duration::from_millis(200))
-            .await
-            .expect("seen"),
-        "forgotten event is new again"
     );
     // The dedupe window expires.
     crate::harness::eventually("the dedupe mark to expire", Duration::from_secs(5), || {
@@ -331,6 +323,33 @@ pub async fn many_concurrent_lease_takers_never_exceed_the_limit(store: Arc<dyn 
     assert_eq!(store.live_leases("pool").await.expect("live"), 7);
 }
 
+/// The sweeper's watch list: due ids earliest first, a new due time replaces the old,
+/// unwatched ids are gone, and a record created with a watch is on the list at once.
+pub async fn watch_list_orders_replaces_and_forgets(store: Arc<dyn Store>) {
+    store.watch("c", 300).await.expect("watch");
+    store.watch("a", 100).await.expect("watch");
+    store.watch("b", 200).await.expect("watch");
+    store.watch("late", 10_000).await.expect("watch");
+    assert_eq!(store.due_watches(250, 10).await.expect("due"), ["a", "b"]);
+    assert_eq!(store.due_watches(1_000, 2).await.expect("due"), ["a", "b"]);
+    store.watch("a", 400).await.expect("move a");
+    store.unwatch("b").await.expect("unwatch");
+    assert_eq!(store.due_watches(1_000, 10).await.expect("due"), ["c", "a"]);
+    let created = store
+        .create_record("d", Bytes::from_static(b"{}"), None, Some(50))
+        .await
+        .expect("create");
+    assert!(created);
+    assert_eq!(store.due_watches(60, 10).await.expect("due"), ["d"]);
+    // A record that already exists is not created, and its watch is not touched.
+    let again = store
+        .create_record("d", Bytes::from_static(b"{}"), None, Some(5_000))
+        .await
+        .expect("create again");
+    assert!(!again);
+    assert_eq!(store.due_watches(60, 10).await.expect("due"), ["d"]);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -345,7 +364,9 @@ macro_rules! conformance {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    super::$name(crate::harness::redis_store(stringify!($name)).await).await;
+                    let prefix = crate::harness::unique_prefix(stringify!($name));
+                    let _clean = crate::harness::CleanOnDrop(prefix.clone());
+                    super::$name(crate::harness::redis_store_at(&prefix).await).await;
                 }
             )*
         }
@@ -361,6 +382,7 @@ conformance!(
     rate_limit_is_shared_and_bounded,
     leases_bound_concurrency_and_expire,
     many_concurrent_lease_takers_never_exceed_the_limit,
+    watch_list_orders_replaces_and_forgets,
 );
 
 #[tokio::test]

@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use callfleet_workers::SweepSettings;
-use livekit_emulator::{CallScript, Faults, Outcome};
+use livekit_emulator::{Faults, Outcome};
 use serde_json::json;
 
 use crate::fleet::{Backing, FleetOptions, TestFleet};
-use crate::harness::eventually;
+use crate::harness::{eventually, script};
 
 const SLOW: Duration = Duration::from_secs(30);
 
@@ -33,21 +33,25 @@ fn sweeping() -> FleetOptions {
 async fn a_retry_that_never_came_is_queued_by_the_sweeper_and_dialed_once() {
     let fleet = TestFleet::start("sweep-retry", sweeping()).await;
     let number = "+15105550191";
-    fleet.emulator.script(
-        number,
-        CallScript {
-            outcome: Outcome::Busy,
-            ring_ms: 50,
-            talk_ms: None,
-            sip_status: None,
-        },
-    );
+    fleet.emulator.script(number, script(Outcome::Busy, None));
     let id = fleet
         .submit(json!({"to": number, "wait_until_answered": true,
                        "max_attempts": 2, "retry_delay_s": 3600}))
         .await;
     fleet.wait_for(&id, "scheduled", SLOW).await;
     assert_eq!(fleet.dials_to(number).len(), 1);
+    // The retry job is parked in a delay tier before the clock moves (moved earlier, the
+    // worker would publish it due at once and the sweeper would have nothing to do).
+    eventually("the retry job in a delay tier", SLOW, || async {
+        let census = fleet.broker.census().await.ok()?;
+        let delayed: u64 = census
+            .iter()
+            .filter(|(q, _)| q.starts_with("delay."))
+            .map(|(_, n)| *n)
+            .sum();
+        (delayed == 1).then_some(())
+    })
+    .await;
     // An hour later by the fleet's clock; the retry job still waits in the 1 h tier.
     fleet
         .clock
@@ -59,8 +63,8 @@ async fn a_retry_that_never_came_is_queued_by_the_sweeper_and_dialed_once() {
     let identities: std::collections::HashSet<_> =
         dials.iter().filter_map(|d| d.identity.clone()).collect();
     assert_eq!(identities.len(), 2, "{identities:?}");
-    // Left behind: only the original retry job, still in a delay tier (harmless when it
-    // comes: its attempt is over).
+    // Left behind: only the original retry job, still in its delay tier, so the second dial
+    // came from the sweeper (the job is harmless when it comes: its attempt is over).
     eventually("the fleet to go quiet", SLOW, || async {
         let census = fleet.broker.census().await.ok()?;
         let (delayed, rest): (Vec<_>, Vec<_>) =
@@ -80,15 +84,9 @@ async fn a_retry_that_never_came_is_queued_by_the_sweeper_and_dialed_once() {
 async fn a_call_whose_end_was_never_heard_is_ended_from_livekits_state() {
     let fleet = TestFleet::start("sweep-live", sweeping()).await;
     let number = "+15105550192";
-    fleet.emulator.script(
-        number,
-        CallScript {
-            outcome: Outcome::Answer,
-            ring_ms: 50,
-            talk_ms: Some(300),
-            sip_status: None,
-        },
-    );
+    fleet
+        .emulator
+        .script(number, script(Outcome::Answer, Some(300)));
     let mut faults = Faults::default();
     faults.webhooks.paused = true;
     fleet.emulator.set_faults(faults);

@@ -198,14 +198,9 @@ impl Handler for WebhookCounter {
 async fn a_message_on_the_wrong_queue_is_dead_lettered_not_handled() {
     use lapin::types::{AMQPValue, FieldTable, LongString};
     let (rabbit, prefix) = crate::harness::rabbit_broker("misrouted", 5).await;
+    let _clean = crate::harness::CleanOnDrop(prefix.clone());
     let broker: Arc<dyn Broker> = rabbit.clone();
-    let conn = lapin::Connection::connect(
-        &crate::harness::amqp_url(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .expect("RabbitMQ reachable");
-    let ch = conn.create_channel().await.expect("channel");
+    let (conn, ch) = crate::harness::raw_channel().await;
     let mut headers = FieldTable::default();
     headers.insert(
         "x-callfleet-queue".into(),
@@ -242,7 +237,6 @@ async fn a_message_on_the_wrong_queue_is_dead_lettered_not_handled() {
     task.await.expect("join").expect("clean stop");
     crate::broker_conformance::assert_census(broker.as_ref(), &[("dead", 1)]).await;
     let _ = conn.close(200, "done".into()).await;
-    crate::harness::cleanup_rabbit(&prefix).await;
 }
 
 /// A job whose worker dies every time (here: it never answers, and its runtime is
@@ -285,6 +279,6 @@ async fn delivery_limit_memory() {
 #[tokio::test]
 async fn delivery_limit_rabbitmq() {
     let (broker, prefix) = crate::harness::rabbit_broker("limit", 3).await;
+    let _clean = crate::harness::CleanOnDrop(prefix.clone());
     a_message_that_keeps_coming_back_is_parked_at_the_limit(broker).await;
-    crate::harness::cleanup_rabbit(&prefix).await;
 }

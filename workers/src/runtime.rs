@@ -220,7 +220,38 @@ struct Limits {
 }
 
 /// Why a delivery is parked before any handler sees it.
-fn refuse(delivery: &Delivery, handler: &dyn Handler, limits: Limits) -> Option<String> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// It arrived on a queue it was not published for (broken routing).
+    Misrouted,
+    /// It keeps coming back unsettled (its worker crashed or was stopped each time).
+    DeliveryLimit,
+}
+
+impl Refusal {
+    /// The `reason` label of the dead-letter counter.
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::Misrouted => "misrouted",
+            Refusal::DeliveryLimit => "delivery_limit",
+        }
+    }
+
+    fn reason(self, delivery: &Delivery) -> String {
+        match self {
+            Refusal::Misrouted => format!(
+                "misrouted: a {} message arrived on the {} queue",
+                delivery.message.queue, delivery.queue
+            ),
+            Refusal::DeliveryLimit => format!(
+                "delivery limit: delivered {} times without being settled",
+                delivery.redeliveries + 1
+            ),
+        }
+    }
+}
+
+fn refuse(delivery: &Delivery, handler: &dyn Handler, limits: Limits) -> Option<Refusal> {
     let expected = handler.queue();
     if delivery.queue != expected || delivery.message.queue != expected {
         // Broken routing, never work: a handler must not run a message it is not for.
@@ -231,10 +262,7 @@ fn refuse(delivery: &Delivery, handler: &dyn Handler, limits: Limits) -> Option<
             message_id = %delivery.message.id,
             "message delivered to a queue it was not published for; dead-lettering it"
         );
-        return Some(format!(
-            "misrouted: a {} message arrived on the {} queue",
-            delivery.message.queue, delivery.queue
-        ));
+        return Some(Refusal::Misrouted);
     }
     if delivery.redeliveries >= limits.delivery_limit {
         tracing::error!(
@@ -243,10 +271,7 @@ fn refuse(delivery: &Delivery, handler: &dyn Handler, limits: Limits) -> Option<
             redeliveries = delivery.redeliveries,
             "message keeps coming back unfinished; dead-lettering it"
         );
-        return Some(format!(
-            "delivery limit: delivered {} times without being settled",
-            delivery.redeliveries + 1
-        ));
+        return Some(Refusal::DeliveryLimit);
     }
     None
 }
@@ -272,23 +297,19 @@ async fn run_one(
     limits: Limits,
 ) {
     let queue = delivery.queue;
-    if let Some(reason) = refuse(&delivery, handler.as_ref(), limits) {
-        let kind = if reason.starts_with("misrouted") {
-            "misrouted"
-        } else {
-            "delivery_limit"
-        };
-        let result = match park(
+    if let Some(refusal) = refuse(&delivery, handler.as_ref(), limits) {
+        let reason = refusal.reason(&delivery);
+        let parked = park(
             broker.as_ref(),
             queue,
             delivery.message.clone(),
-            kind,
+            refusal.label(),
             &reason,
-        )
-        .await
-        {
+        );
+        let result = match parked.await {
             Ok(()) => {
-                if kind == "delivery_limit" {
+                // A misrouted message is not this handler's to record.
+                if refusal == Refusal::DeliveryLimit {
                     handler.dead_lettered(&delivery.message, &reason).await;
                 }
                 delivery.ack().await

@@ -93,7 +93,7 @@ impl Sweeper {
                 store.unwatch(&id).await?;
                 continue;
             };
-            let Some(due_at) = call.look_at(chrono::Duration::zero()) else {
+            let Some(due_at) = call.look_at() else {
                 store.unwatch(&id).await?;
                 continue;
             };

@@ -119,9 +119,6 @@ pub struct CallPage {
 /// (and a cursor to continue), so a rare filter cannot make one request scan everything.
 const MAX_SCAN: usize = 2_000;
 const CAS_ATTEMPTS: usize = 32;
-/// The watch list holds, per call not yet final, the time it is due to move (its due
-/// time, or when it was last looked at); the sweeper looks at calls quiet past that.
-const WATCH_AFTER: chrono::Duration = chrono::Duration::zero();
 
 /// Typed access to call records.
 #[derive(Clone)]
@@ -147,11 +144,6 @@ impl CallBook {
     /// the id is taken. Handing the JSON back lets the ingress answer without encoding the
     /// call a second time.
     pub async fn create(&self, call: &Call) -> Result<Option<Bytes>, CallBookError> {
-        // Watched before it exists, so no call can be stored without the sweeper knowing
-        // of it (a watch without its call is dropped by the sweeper).
-        if let Some(at) = call.look_at(WATCH_AFTER) {
-            self.store.watch(&call.id, at.timestamp_millis()).await?;
-        }
         let json = encode(call);
         let created = self
             .store
@@ -159,6 +151,8 @@ impl CallBook {
                 &call.id,
                 json.clone(),
                 Some(call.created_at.timestamp_millis()),
+                // On the sweeper's watch list from the moment it exists.
+                call.look_at().map(|at| at.timestamp_millis()),
             )
             .await?;
         Ok(created.then_some(json))
@@ -214,7 +208,7 @@ impl CallBook {
     /// when the call's due time moved. A failure here only makes the sweeper look early
     /// (or at a final call, which it then drops), so it is logged, not returned.
     async fn rewatch(&self, call: &Call, was_final: bool, was_due: Option<DateTime<Utc>>) {
-        let result = match call.look_at(WATCH_AFTER) {
+        let result = match call.look_at() {
             None if !was_final => self.store.unwatch(&call.id).await,
             Some(at) if call.scheduled_for != was_due => {
                 self.store.watch(&call.id, at.timestamp_millis()).await

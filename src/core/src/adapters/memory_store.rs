@@ -66,6 +66,7 @@ impl Store for MemoryStore {
         id: &str,
         data: Bytes,
         index_score: Option<i64>,
+        watch_ms: Option<i64>,
     ) -> Result<bool, StoreError> {
         let mut s = self.state.lock().await;
         if s.records.contains_key(id) {
@@ -75,6 +76,9 @@ impl Store for MemoryStore {
             .insert(id.to_owned(), Versioned { version: 1, data });
         if let Some(score) = index_score {
             s.index.insert((score, id.to_owned()), ());
+        }
+        if let Some(due) = watch_ms {
+            s.watches.insert(id.to_owned(), due);
         }
         Ok(true)
     }
@@ -186,15 +190,6 @@ impl Store for MemoryStore {
             .await
             .claim(&format!("seen:{event_id}"), "1", ttl)
             .is_none())
-    }
-
-    async fn forget_seen(&self, event_id: &str) -> Result<(), StoreError> {
-        self.state
-            .lock()
-            .await
-            .keys
-            .remove(&format!("seen:{event_id}"));
-        Ok(())
     }
 
     async fn try_lock(&self, name: &str, ttl: Duration) -> Result<Option<LockToken>, StoreError> {

@@ -34,11 +34,13 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Self {
-            // KEYS: record, index. ARGV: data, score ('' = not indexed), id.
+            // KEYS: record, index, watch list. ARGV: data, score ('' = not indexed), id,
+            // watch due ('' = not watched).
             create: Script::new(
                 r"if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
                   redis.call('HSET', KEYS[1], 'v', 1, 'd', ARGV[1])
                   if ARGV[2] ~= '' then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3]) end
+                  if ARGV[4] ~= '' then redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3]) end
                   return 1",
             ),
             // KEYS: record. ARGV: expected version, data. Returns new version or 0.
@@ -147,6 +149,7 @@ impl Store for RedisStore {
         id: &str,
         data: Bytes,
         index_score: Option<i64>,
+        watch_ms: Option<i64>,
     ) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let created: i64 = self
@@ -154,9 +157,11 @@ impl Store for RedisStore {
             .create
             .key(self.key("rec", id))
             .key(self.index_key())
+            .key(self.watch_key())
             .arg(data.as_ref())
             .arg(index_score.map(|s| s.to_string()).unwrap_or_default())
             .arg(id)
+            .arg(watch_ms.map(|s| s.to_string()).unwrap_or_default())
             .invoke_async(&mut conn)
             .await
             .map_err(err)?;
@@ -309,12 +314,6 @@ impl Store for RedisStore {
             .await
             .map_err(err)?;
         Ok(set.is_some())
-    }
-
-    async fn forget_seen(&self, event_id: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: i64 = conn.del(self.key("seen", event_id)).await.map_err(err)?;
-        Ok(())
     }
 
     async fn try_lock(&self, name: &str, ttl: Duration) -> Result<Option<LockToken>, StoreError> {

@@ -595,24 +595,24 @@ impl Stuck {
 }
 
 impl Call {
-    /// When the sweeper should look at this call if nothing moves it before: `after` past
-    /// its due time or its last change. `None` once it is final.
-    pub fn look_at(&self, after: chrono::Duration) -> Option<DateTime<Utc>> {
+    /// When this call is next due to move: its due time, or its last change. The sweeper
+    /// looks at it once it has been quiet for a while past that. `None` once it is final
+    /// (and for inbound calls, which have no jobs to repair yet).
+    pub fn look_at(&self) -> Option<DateTime<Utc>> {
         if self.status.is_terminal() || self.direction != Direction::Outbound {
             return None;
         }
         Some(
             self.scheduled_for
                 .unwrap_or(self.updated_at)
-                .max(self.updated_at)
-                + after,
+                .max(self.updated_at),
         )
     }
 
     /// What is stuck about this call at `now`, if it has been quiet for `quiet` past its
     /// due time (a dial waiting for its answer gets its ringing time on top).
     pub fn stuck(&self, now: DateTime<Utc>, quiet: chrono::Duration) -> Option<Stuck> {
-        let since = self.look_at(quiet)?;
+        let since = self.look_at()? + quiet;
         let attempt = self.current_attempt();
         let ringing = match attempt {
             Some(a)
@@ -926,6 +926,6 @@ mod tests {
             None,
             "final calls are never stuck"
         );
-        assert_eq!(call.look_at(quiet), None);
+        assert_eq!(call.look_at(), None);
     }
 }

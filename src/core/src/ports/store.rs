@@ -73,12 +73,15 @@ pub fn parse_index_cursor(cursor: &str) -> Option<(i64, String)> {
 pub trait Store: Send + Sync + 'static {
     // --- records (call records) -------------------------------------------------------
     /// Creates `id` with version 1 if absent; returns whether it was created. With
-    /// `index_score`, also adds `id` to the creation index (newest first listing).
+    /// `index_score`, also adds `id` to the creation index (newest first listing); with
+    /// `watch_ms`, also puts it on the watch list due then (see [`Store::watch`]), in the
+    /// same atomic step.
     async fn create_record(
         &self,
         id: &str,
         data: Bytes,
         index_score: Option<i64>,
+        watch_ms: Option<i64>,
     ) -> Result<bool, StoreError>;
     async fn get_record(&self, id: &str) -> Result<Option<Versioned>, StoreError>;
     /// Writes `data` only if the record is still at `expected_version`.
@@ -106,8 +109,6 @@ pub trait Store: Send + Sync + 'static {
     // --- event dedupe ------------------------------------------------------------------
     /// Marks `event_id` seen; true the first time within `ttl`.
     async fn first_seen(&self, event_id: &str, ttl: Duration) -> Result<bool, StoreError>;
-    /// Forgets a seen mark (when handling failed and the event must be processed again).
-    async fn forget_seen(&self, event_id: &str) -> Result<(), StoreError>;
 
     // --- watch list ----------------------------------------------------------------------
     /// Puts `id` on the watch list, to be looked at from `due_ms` (epoch milliseconds) on;
