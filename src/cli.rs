@@ -375,7 +375,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             println!("  broker/store   {broker_kind:?} / {store_kind:?}");
             match &emulator {
-                Some(e) => println!("  LiveKit        emulator at {} (key {}), webhooks → {base}/v1/livekit/webhook", e.url(), livekit.livekit_api_key),
+                Some(e) => {
+                    println!("  LiveKit        emulator at {} (key {}), webhooks → {base}/v1/livekit/webhook", e.url(), livekit.livekit_api_key);
+                    println!("  emulator API   {}/emulator/v1 (scripts, faults, inbound calls, records; see the README)", e.url());
+                }
                 None => println!("  LiveKit        {livekit_url}"),
             }
             match &generated_key {

@@ -85,7 +85,14 @@ pub fn init_tracing(format: LogFormat, filter: &str) {
         LogFormat::Json => registry
             .with(fmt::layer().json().flatten_event(true))
             .try_init(),
-        LogFormat::Text => registry.with(fmt::layer().compact()).try_init(),
+        // Colour only for a person at a terminal: piped or collected logs stay plain text.
+        LogFormat::Text => registry
+            .with(
+                fmt::layer()
+                    .compact()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+            )
+            .try_init(),
     };
 }
 
