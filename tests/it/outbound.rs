@@ -293,9 +293,9 @@ async fn a_batch_accepts_and_rejects_each_item_on_its_own() {
         .map(|r| (r["index"].as_u64().expect("index"), r))
         .collect();
     assert_eq!(by_index[&0]["status"], 202);
-    assert_eq!(by_index[&1]["error"]["error"]["field"], "to");
-    assert_eq!(by_index[&2]["error"]["error"]["field"], "colour");
-    assert_eq!(by_index[&3]["error"]["error"]["field"], "max_attempts");
+    assert_eq!(by_index[&1]["error"]["field"], "to");
+    assert_eq!(by_index[&2]["error"]["field"], "colour");
+    assert_eq!(by_index[&3]["error"]["field"], "max_attempts");
     assert_eq!(by_index[&4]["status"], 202);
     for index in [0, 4] {
         let id = by_index[&index]["call"]["id"].as_str().expect("id");
@@ -828,5 +828,36 @@ async fn a_retry_after_a_503_ends_with_exactly_one_enqueued_call() {
         census.values().all(|n| *n == 0).then_some(())
     })
     .await;
+    fleet.stop().await;
+}
+
+/// A number that crashed rlibphonenumber 2.2 is refused with a 422 naming the field, alone
+/// or inside a batch, and the batch's valid items are accepted and dialed, not stranded.
+#[tokio::test]
+async fn a_number_that_crashed_the_parser_is_a_clear_422() {
+    let fleet = TestFleet::start("parser-panic", FleetOptions::default()).await;
+    let bad = ";phone-context=+1;tel:5105550123";
+    let (status, body) = fleet.post("/v1/calls", &json!({ "to": bad })).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "to");
+    assert!(
+        !body.to_string().contains("phone-context"),
+        "the input is not echoed: {body}"
+    );
+    let (status, batch) = fleet
+        .post(
+            "/v1/calls/batch",
+            &json!({"calls": [{"to": "+15105550171", "idempotency_key": "pp-1"}, {"from": bad, "to": "+15105550172"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{batch}");
+    assert_eq!(batch["accepted"], 1, "{batch}");
+    assert_eq!(batch["results"][1]["status"], 422);
+    assert_eq!(batch["results"][1]["error"]["field"], "from", "{batch}");
+    let id = batch["results"][0]["call"]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    fleet.wait_for(&id, "completed", SLOW).await;
     fleet.stop().await;
 }

@@ -263,7 +263,7 @@ fn error_item(index: usize, error: &ApiError) -> BatchItem {
         index,
         status: error.status().as_u16(),
         call: None,
-        error: Some(error.body_json()),
+        error: Some(error.item_json()),
     }
 }
 

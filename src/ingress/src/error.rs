@@ -71,9 +71,9 @@ impl ApiError {
         }
     }
 
-    /// The error as the JSON every response uses (batch items embed it).
-    pub fn body_json(&self) -> serde_json::Value {
-        serde_json::to_value(self.body()).unwrap_or_default()
+    /// The error object alone (`{"code", "message", "field"}`), as a batch item's `error`.
+    pub fn item_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.body().error).unwrap_or_default()
     }
 }
 

@@ -17,10 +17,12 @@ pub struct E164(String);
 pub enum PhoneError {
     #[error("is empty")]
     Empty,
-    #[error("is not a phone number ({0})")]
-    Unparseable(String),
+    #[error("is not a phone number: write it in E.164 (+15105550123) or national form")]
+    Unparseable,
     #[error("is not a valid number for its region")]
     Invalid,
+    #[error("may hold only digits, spaces, a leading +, and - ( ) . as separators")]
+    BadCharacters,
     #[error("default region {0:?} is not an ISO 3166 alpha-2 code")]
     BadRegion(String),
 }
@@ -46,13 +48,27 @@ impl E164 {
         if trimmed.is_empty() {
             return Err(PhoneError::Empty);
         }
+        // The API takes numbers as people write them, nothing more: RFC 3966 syntax
+        // (`tel:`, `;phone-context=`) and letters are refused before the library sees
+        // them; rlibphonenumber 2.2 panics on some of it (`;phone-context=+1;tel:…`).
+        if !trimmed
+            .chars()
+            .enumerate()
+            .all(|(i, c)| c.is_ascii_digit() || " -().".contains(c) || (c == '+' && i == 0))
+        {
+            return Err(PhoneError::BadCharacters);
+        }
         let region = if trimmed.starts_with('+') {
             None
         } else {
             default_region
         };
-        let number = PhoneNumber::parse(trimmed, region)
-            .map_err(|e| PhoneError::Unparseable(e.to_string()))?;
+        // Containment for a parser bug not yet known: a panic becomes a refusal of this
+        // number, never a dropped request (its message may still reach the panic hook).
+        let parsed = std::panic::catch_unwind(|| PhoneNumber::parse(trimmed, region))
+            .map_err(|_| PhoneError::Unparseable)?;
+        // The library's own wording ("Too long nsn") means nothing to an API client.
+        let number = parsed.map_err(|_| PhoneError::Unparseable)?;
         if !number.is_valid() {
             return Err(PhoneError::Invalid);
         }
@@ -131,15 +147,46 @@ mod tests {
     #[test]
     fn rejects_garbage_and_invalid_numbers() {
         assert_eq!(E164::parse("  ", us()), Err(PhoneError::Empty));
+        assert_eq!(E164::parse("hello", us()), Err(PhoneError::BadCharacters));
         assert!(matches!(
-            E164::parse("hello", us()),
-            Err(PhoneError::Unparseable(_))
+            E164::parse("12", us()),
+            Err(PhoneError::Unparseable | PhoneError::Invalid)
         ));
         assert_eq!(E164::parse("+12010550123", None), Err(PhoneError::Invalid));
         assert!(
             E164::parse("5551234", None).is_err(),
             "national number without region"
         );
+    }
+
+    #[test]
+    fn rfc3966_syntax_and_letters_are_refused_before_the_parser_sees_them() {
+        for input in [
+            ";phone-context=+1;tel:5105550123",
+            "tel:+15105550123",
+            "+1 510 555 0123;ext=5",
+            "1-800-FLOWERS",
+            "+1+5105550123",
+            "\u{202e}+15105550123",
+        ] {
+            assert_eq!(
+                E164::parse(input, us()),
+                Err(PhoneError::BadCharacters),
+                "{input:?}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3_000))]
+        /// Whatever a client sends, parsing answers (a number or an error) and never
+        /// panics; the library is called only with the accepted alphabet.
+        #[test]
+        fn parsing_never_panics(input in "\\PC{0,40}", phone_like in "[+]?[0-9 ().-]{0,30}") {
+            let _ = E164::parse(&input, us());
+            let raw = std::panic::catch_unwind(|| PhoneNumber::parse(&phone_like, us()));
+            proptest::prop_assert!(raw.is_ok(), "rlibphonenumber panicked on {:?}", phone_like);
+        }
     }
 
     #[test]
