@@ -3,6 +3,7 @@
 //! command starts them) and fail loudly when they are unreachable; every test uses its own
 //! queue and key prefix so tests run in parallel.
 
+mod api_errors;
 mod broker_conformance;
 mod crash;
 mod emulator;

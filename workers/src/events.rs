@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use callfleet_core::domain::sip_outcome::SipOutcome;
 use callfleet_core::domain::webhook::{outcome_from_disconnect, ParticipantRef, WebhookEvent};
 use callfleet_core::domain::{
-    parse_participant_identity, AfterAttempt, Call, CallStatus, EndDetails,
+    call_for_room, parse_participant_identity, AfterAttempt, Call, CallStatus, EndDetails,
 };
 use callfleet_core::ports::{Message, WorkQueue};
 use callfleet_core::telemetry::metrics as m;
@@ -25,11 +25,6 @@ const DEDUPE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Consumes `webhook_events`.
 pub struct WebhookEventHandler {
     deps: CallDeps,
-}
-
-/// The call a room belongs to (rooms are named after their call).
-fn call_for_room(room: &str) -> Option<String> {
-    room.strip_prefix("cf-").map(|rest| format!("call_{rest}"))
 }
 
 fn millis(ms: i64) -> Option<DateTime<Utc>> {

@@ -173,10 +173,19 @@ impl WorkerRuntime {
                     };
                     let broker = Arc::clone(&self.broker);
                     let limits = Limits { max_retries: self.max_retries, delivery_limit: self.delivery_limit };
-                    jobs.spawn(async move {
+                    // One span per job, carrying the call id the ingress put in the
+                    // message's trace header: a call reads from ingress to worker.
+                    let span = tracing::info_span!(
+                        "job",
+                        queue = delivery.queue.as_str(),
+                        message_id = %delivery.message.id,
+                        redeliveries = delivery.redeliveries,
+                        call_id = delivery.message.headers.get(headers::TRACE_ID).map(String::as_str).unwrap_or(""),
+                    );
+                    jobs.spawn(tracing::Instrument::instrument(async move {
                         run_one(broker, handler, delivery, limits).await;
                         drop(permit);
-                    });
+                    }, span));
                 }
                 Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
             }

@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use callfleet_core::calls::{wall_time, CallFilter, CallJob};
@@ -16,7 +16,7 @@ use callfleet_core::telemetry::metrics as m;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{authorize, body_bytes, parse_json, ApiError, IngressState};
+use crate::{body_bytes, parse_json, ApiError, IngressState};
 
 /// How long an idempotency key is remembered.
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -196,6 +196,12 @@ impl IngressState {
     }
 }
 
+/// The call id from the path; one that is not even text (`%ff`) names no call.
+fn call_id(id: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    id.map(|Path(id)| id)
+        .map_err(|_| ApiError::NotFound("no such call: call ids look like call_0123…".into()))
+}
+
 fn idempotency_key(key: &str) -> String {
     format!("idem:{key}")
 }
@@ -204,12 +210,15 @@ fn idempotency_key(key: &str) -> String {
 /// existing call for a repeated idempotency key.
 pub async fn create_call(
     State(state): State<IngressState>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
-    let request: CallRequest = parse_json(&body_bytes(body)?)?;
-    match state.accept(request).await? {
+    let request: CallRequest = parse_json(&body_bytes(body, state.max_body_bytes)?)?;
+    let accepted = state.accept(request).await?;
+    let call_id = match &accepted {
+        Accepted::Existing(call, _) | Accepted::New(call, ..) => call.id.clone(),
+    };
+    tracing::Span::current().record("call_id", call_id.as_str());
+    match accepted {
         Accepted::Existing(call, None) => Ok((StatusCode::OK, Json(call)).into_response()),
         Accepted::Existing(call, Some(job)) => match state.broker.publish(job).await {
             Ok(()) => Ok((StatusCode::OK, Json(call)).into_response()),
@@ -218,6 +227,7 @@ pub async fn create_call(
         Accepted::New(call, json, message) => match state.broker.publish(message).await {
             Ok(()) => {
                 metrics::counter!(m::JOBS_ENQUEUED, "queue" => "call_jobs").increment(1);
+                tracing::info!(call_id = %call_id, "call accepted");
                 Ok((
                     StatusCode::ACCEPTED,
                     [(header::CONTENT_TYPE, "application/json")],
@@ -271,11 +281,9 @@ fn error_item(index: usize, error: &ApiError) -> BatchItem {
 /// accepted ones are published in one pipelined round of confirms.
 pub async fn create_batch(
     State(state): State<IngressState>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<BatchResponse>), ApiError> {
-    authorize(&state, &headers)?;
-    let batch: BatchRequest = parse_json(&body_bytes(body)?)?;
+    let batch: BatchRequest = parse_json(&body_bytes(body, state.max_body_bytes)?)?;
     if batch.calls.is_empty() || batch.calls.len() > limits::MAX_BATCH {
         return Err(ApiError::Invalid {
             field: "calls".into(),
@@ -368,10 +376,9 @@ pub async fn create_batch(
 /// `GET /v1/calls/{id}`.
 pub async fn get_call(
     State(state): State<IngressState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Call>, ApiError> {
-    authorize(&state, &headers)?;
+    let id = call_id(id)?;
     state
         .calls
         .get(&id)
@@ -400,10 +407,8 @@ pub struct ListResponse {
 /// `GET /v1/calls?status=&direction=&tag=&limit=&cursor=`: newest first.
 pub async fn list_calls(
     State(state): State<IngressState>,
-    headers: HeaderMap,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<ListResponse>, ApiError> {
-    authorize(&state, &headers)?;
     let Query(params) = params.map_err(|e| ApiError::Invalid {
         field: "query".into(),
         message: e.body_text(),
@@ -455,10 +460,9 @@ pub async fn list_calls(
 /// `POST /v1/calls/{id}/cancel`: only before the call is dialed (409 after).
 pub async fn cancel_call(
     State(state): State<IngressState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Call>, ApiError> {
-    authorize(&state, &headers)?;
+    let id = call_id(id)?;
     let now = state.clock.now();
     let updated = state
         .calls

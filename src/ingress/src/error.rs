@@ -8,16 +8,19 @@ use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("unauthorized")]
-    Unauthorized,
+    /// No or a wrong credential; the text says which.
+    #[error("{0}")]
+    Unauthorized(&'static str),
     #[error("{0}")]
     NotFound(String),
     #[error("{message}")]
     Invalid { field: String, message: String },
     #[error("{0}")]
     Conflict(String),
-    #[error("request body too large")]
-    TooLarge,
+    #[error("the request body is larger than the {limit}-byte limit")]
+    TooLarge { limit: usize },
+    #[error("this route does not accept that method")]
+    MethodNotAllowed,
     /// A dependency is down: retry later.
     #[error("service unavailable")]
     Unavailable { retry_after_s: u64 },
@@ -41,11 +44,12 @@ struct ErrorBody<'a> {
 impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            ApiError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -84,7 +88,7 @@ impl IntoResponse for ApiError {
             tracing::error!(detail = %detail, "internal error");
         }
         let mut response = (status, Json(self.body())).into_response();
-        if let ApiError::Unauthorized = &self {
+        if let ApiError::Unauthorized(_) = &self {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -45,28 +45,53 @@ pub struct IngressState {
 
 /// The ingress app: routes, body limit (413 beyond it) and request metrics by route.
 pub fn app(state: IngressState) -> Router {
-    let api = Router::new()
+    // The key is checked before anything else, the body included: an unauthenticated
+    // client cannot make the ingress read (or wait for) what it sends.
+    let calls = Router::new()
         .route("/v1/calls", post(calls::create_call).get(calls::list_calls))
         .route("/v1/calls/batch", post(calls::create_batch))
         .route("/v1/calls/{id}", get(calls::get_call))
         .route("/v1/calls/{id}/cancel", post(calls::cancel_call))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    let api = Router::new()
+        .merge(calls)
         .route("/v1/livekit/webhook", post(webhook::receive))
         .with_state(state.clone());
     health_router(state.readiness.clone())
         .merge(api)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .layer(middleware::from_fn(track_requests))
 }
 
+async fn require_api_key(
+    State(state): State<IngressState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    authorize(&state, request.headers())?;
+    Ok(next.run(request).await)
+}
+
 /// Checks `Authorization: Bearer <key>` against every configured key in constant time.
 pub(crate) fn authorize(state: &IngressState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let presented = headers
+    let header = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+        .ok_or(ApiError::Unauthorized(
+            "missing Authorization header: send `Authorization: Bearer <API key>`",
+        ))?;
+    let presented = header
+        .to_str()
+        .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .ok_or(ApiError::Unauthorized)?;
+        .ok_or(ApiError::Unauthorized(
+            "the Authorization header must be `Bearer <API key>`",
+        ))?;
     let mut ok = subtle::Choice::from(0u8);
     for key in state.api_keys.iter() {
         ok |= key.expose_secret().as_bytes().ct_eq(presented.as_bytes());
@@ -74,19 +99,22 @@ pub(crate) fn authorize(state: &IngressState, headers: &HeaderMap) -> Result<(),
     if bool::from(ok) {
         Ok(())
     } else {
-        Err(ApiError::Unauthorized)
+        Err(ApiError::Unauthorized("unknown API key"))
     }
 }
 
 /// The raw body, with an oversized one answered 413 in the shared error shape.
-pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(crate) fn body_bytes(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge
+            ApiError::TooLarge { limit }
         } else {
             ApiError::Invalid {
                 field: "body".into(),
-                message: e.body_text(),
+                message: "the request body could not be read in full".into(),
             }
         }
     })
@@ -101,6 +129,14 @@ fn field_error(path: String, error: &(impl std::fmt::Display + ?Sized)) -> ApiEr
         .next()
         .unwrap_or(&message)
         .to_owned();
+    // serde names our Rust types ("expected struct CallRequest"); say it in API terms.
+    let message = match message.split_once(", expected struct ") {
+        Some((got, _)) => format!(
+            "must be a JSON object, not {}",
+            got.trim_start_matches("invalid type: ")
+        ),
+        None => message,
+    };
     let unknown = message
         .strip_prefix("unknown field `")
         .and_then(|rest| rest.split('`').next());
@@ -113,10 +149,24 @@ fn field_error(path: String, error: &(impl std::fmt::Display + ?Sized)) -> ApiEr
     ApiError::Invalid { field, message }
 }
 
-/// Parses a JSON body, naming the offending field on failure.
+/// Parses a JSON body, naming the offending field on failure, or where the JSON itself
+/// breaks (line and column).
 pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| field_error(e.path().to_string(), e.inner()))
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let inner = e.inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return ApiError::Invalid {
+                field: "body".into(),
+                message: format!(
+                    "is not valid JSON (line {}, column {})",
+                    inner.line(),
+                    inner.column()
+                ),
+            };
+        }
+        field_error(e.path().to_string(), inner)
+    })
 }
 
 /// Like [`parse_json`], for an item already parsed as JSON (batch items).
@@ -134,7 +184,15 @@ async fn track_requests(request: Request, next: Next) -> Response {
         .unwrap_or_else(|| "unmatched".into());
     let method = request.method().as_str().to_owned();
     let started = Instant::now();
-    let response = next.run(request).await;
+    // One span per request; handlers record the call it concerns, which the job's span in
+    // the worker carries too (from the message's trace header).
+    let span = tracing::info_span!(
+        "request",
+        method = %method,
+        route = %route,
+        call_id = tracing::field::Empty
+    );
+    let response = tracing::Instrument::instrument(next.run(request), span).await;
     let status = response.status().as_u16().to_string();
     metrics::counter!(m::HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status).increment(1);
     metrics::histogram!(m::HTTP_REQUEST_SECONDS, "route" => route)

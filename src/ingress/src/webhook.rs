@@ -5,6 +5,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
+use callfleet_core::domain::call_for_room;
 use callfleet_core::domain::webhook::{verify_webhook, WebhookEvent};
 use callfleet_core::ports::broker::headers as h;
 use callfleet_core::ports::{Message, WorkQueue};
@@ -24,14 +25,16 @@ pub async fn receive(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let body = body_bytes(body)?;
+    let body = body_bytes(body, state.max_body_bytes)?;
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if let Err(rejection) = verify_webhook(authorization, &body, &state.webhook_keys) {
         rejected(rejection.as_str());
         tracing::warn!(reason = rejection.as_str(), "webhook refused");
-        return Err(ApiError::Unauthorized);
+        return Err(ApiError::Unauthorized(
+            "the webhook is not signed by a configured LiveKit API key",
+        ));
     }
     let event = WebhookEvent::parse(&body).map_err(|reason| {
         rejected("unreadable");
@@ -43,8 +46,9 @@ pub async fn receive(
     let mut message = Message::new(WorkQueue::WebhookEvents, body.clone())
         .with_id(event.dedupe_id(&body))
         .with_header(EVENT_HEADER, event.event.clone());
-    if let Some(room) = &event.room {
-        message = message.with_header(h::TRACE_ID, room.name.clone());
+    // The worker's job span names the call the event is about (its room's call).
+    if let Some(call_id) = event.room.as_ref().and_then(|r| call_for_room(&r.name)) {
+        message = message.with_header(h::TRACE_ID, call_id);
     }
     match state.broker.publish(message).await {
         Ok(()) => {

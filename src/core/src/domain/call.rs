@@ -259,6 +259,12 @@ pub fn room_for_call(call_id: &str) -> String {
     format!("cf-{}", call_id.trim_start_matches("call_"))
 }
 
+/// The call a room belongs to (rooms are named after their call); `None` for rooms the
+/// fleet did not name.
+pub fn call_for_room(room: &str) -> Option<String> {
+    room.strip_prefix("cf-").map(|rest| format!("call_{rest}"))
+}
+
 /// Deterministic SIP participant identity for attempt `n` of a call.
 pub fn participant_identity(call_id: &str, attempt: u32) -> String {
     format!("sip-{}-a{attempt}", call_id.trim_start_matches("call_"))
