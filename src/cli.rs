@@ -172,6 +172,7 @@ fn worker_runtime(
             trunk_cps: worker.trunk_cps,
             lease_ttl: Duration::from_secs(worker.lease_ttl_s),
             livekit_settle,
+            dial_evidence_grace: Duration::from_secs(worker.dial_evidence_grace_s.max(1)),
             ..OutboundSettings::default()
         },
     };

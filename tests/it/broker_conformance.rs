@@ -402,35 +402,6 @@ mod rabbitmq_only {
         );
     }
 
-    /// Closes this test's connections only (named after its prefix), as
-    /// `rabbitmqctl close_all_connections` would close everyone's.
-    fn close_connections_named(prefix: &str) -> usize {
-        let out = std::process::Command::new("rabbitmqctl")
-            .args([
-                "list_connections",
-                "-q",
-                "--no-table-headers",
-                "pid",
-                "client_properties",
-            ])
-            .output()
-            .expect("rabbitmqctl must be installed for the recovery test");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut closed = 0;
-        for line in text.lines().filter(|l| l.contains(prefix)) {
-            let Some(pid) = line.split_whitespace().next() else {
-                continue;
-            };
-            let status = std::process::Command::new("rabbitmqctl")
-                .args(["close_connection", pid, "callfleet recovery test"])
-                .status()
-                .expect("rabbitmqctl");
-            assert!(status.success(), "close_connection {pid}");
-            closed += 1;
-        }
-        closed
-    }
-
     #[tokio::test]
     async fn recovers_after_the_broker_closes_the_connection_without_losing_messages() {
         let (broker, prefix) = rabbit_broker("recovery", 5).await;
@@ -454,7 +425,7 @@ mod rabbitmq_only {
             "the test connection to show up",
             Duration::from_secs(10),
             || async {
-                let n = close_connections_named(&prefix);
+                let n = crate::harness::close_connections_named(&prefix);
                 (n > 0).then_some(n)
             },
         )

@@ -130,6 +130,35 @@ impl Drop for CleanOnDrop {
     }
 }
 
+/// Closes this test's connections only (named after its prefix), as
+/// `rabbitmqctl close_all_connections` would close everyone's.
+pub fn close_connections_named(prefix: &str) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .expect("rabbitmqctl must be installed for the recovery test");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut closed = 0;
+    for line in text.lines().filter(|l| l.contains(prefix)) {
+        let Some(pid) = line.split_whitespace().next() else {
+            continue;
+        };
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "callfleet recovery test"])
+            .status()
+            .expect("rabbitmqctl");
+        assert!(status.success(), "close_connection {pid}");
+        closed += 1;
+    }
+    closed
+}
+
 /// A plain lapin connection and a confirm-mode channel, for tests that put messages
 /// where the adapter never would (straight into a delay tier, onto the wrong queue).
 pub async fn raw_channel() -> (lapin::Connection, lapin::Channel) {

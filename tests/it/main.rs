@@ -5,6 +5,7 @@
 
 mod api_errors;
 mod broker_conformance;
+mod chaos;
 mod crash;
 mod emulator;
 mod fleet;

@@ -331,6 +331,10 @@ pub struct WorkerConfig {
     /// Delivery attempts of a job failing transiently before it is dead-lettered.
     #[arg(long, env = "CALLFLEET_MAX_JOB_ATTEMPTS", default_value_t = 8)]
     pub max_job_attempts: u32,
+    /// How long a dial whose answer was lost may wait for evidence (the participant in
+    /// LiveKit, a webhook) before its attempt ends as unknown rather than being redialed.
+    #[arg(long, env = "CALLFLEET_DIAL_EVIDENCE_GRACE_S", default_value_t = 60)]
+    pub dial_evidence_grace_s: u64,
     /// How often a worker looks for calls that stopped moving (one worker at a time).
     #[arg(long, env = "CALLFLEET_SWEEP_INTERVAL_S", default_value_t = 30)]
     pub sweep_interval_s: u64,
