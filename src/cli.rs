@@ -5,22 +5,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use callfleet_core::adapters::{Backends, LiveKitApi};
-use callfleet_core::calls::{CallBook, SystemClock};
+use callfleet::fleet::{self, IngressSettings, WorkerSettings};
+use callfleet_core::adapters::{Backends, LiveKitApi, RabbitBroker, RabbitConfig};
+use callfleet_core::calls::SystemClock;
 use callfleet_core::config::{
     parse_key_pairs, BackendConfig, BrokerKind, IngressConfig, LiveKitConfig, LogConfig, StoreKind,
     WorkerConfig,
 };
 use callfleet_core::domain::phone::parse_region;
 use callfleet_core::domain::request::CallDefaults;
-use callfleet_core::lifecycle::{cancel_on_signal, health_router, Readiness};
-use callfleet_core::ports::WorkQueue;
+use callfleet_core::lifecycle::{cancel_on_signal, health_router};
+use callfleet_core::ports::{Broker, WorkQueue};
 use callfleet_core::telemetry;
-use callfleet_ingress::IngressState;
-use callfleet_workers::{
-    CallDeps, OutboundCallHandler, OutboundSettings, SweepSettings, Sweeper, WebhookEventHandler,
-    WorkerRuntime,
-};
 use clap::{Parser, Subcommand};
 use livekit_emulator::{Emulator, EmulatorConfig};
 use secrecy::ExposeSecret;
@@ -142,58 +138,50 @@ async fn serve(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {what} to {addr}"))?;
-    let what = what.to_owned();
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-        {
-            tracing::error!(error = %e, server = %what, "server failed");
-        }
-    }))
+    Ok(tokio::spawn(fleet::serve(listener, app, stop)))
 }
 
-/// A worker process's runtime and its sweeper.
-fn worker_runtime(
-    backends: &Backends,
-    worker: &WorkerConfig,
-    livekit: Arc<LiveKitApi>,
-) -> (WorkerRuntime, Sweeper) {
-    // A request that timed out may still be running in LiveKit for a while.
-    let livekit_settle = livekit.timeout() + Duration::from_secs(5);
-    let deps = CallDeps {
-        calls: CallBook::new(Arc::clone(&backends.store)),
-        broker: Arc::clone(&backends.broker),
-        livekit,
-        clock: Arc::new(SystemClock),
-        settings: OutboundSettings {
-            default_agent: worker.default_agent.clone(),
-            trunk_max_concurrent: worker.trunk_max_concurrent,
-            trunk_cps: worker.trunk_cps,
-            lease_ttl: Duration::from_secs(worker.lease_ttl_s),
-            livekit_settle,
-            dial_evidence_grace: Duration::from_secs(worker.dial_evidence_grace_s.max(1)),
-            ..OutboundSettings::default()
-        },
-    };
-    let runtime = WorkerRuntime::new(
-        Arc::clone(&backends.broker),
-        worker.prefetch,
-        worker.concurrency,
-        worker.max_job_attempts,
-    )
-    .with_delivery_limit(backends.delivery_limit)
-    .with_handler(Arc::new(OutboundCallHandler::new(deps.clone())))
-    .with_handler(Arc::new(WebhookEventHandler::new(deps.clone())));
-    let sweeper = Sweeper::new(
-        deps,
-        SweepSettings {
-            every: Duration::from_secs(worker.sweep_interval_s.max(1)),
-            quiet: Duration::from_secs(worker.sweep_after_s.max(1)),
-            ..SweepSettings::default()
-        },
-    );
-    (runtime, sweeper)
+/// `callfleet dead-letters …`: attaches to the fleet's existing queues (declaring nothing)
+/// and says plainly when there is nothing to show or the id is unknown (exit code 1).
+async fn dead_letters(backend: &BackendConfig, action: DeadLetterAction) -> Result<()> {
+    backend.validate()?;
+    if backend.broker_or(BrokerKind::Rabbitmq) == BrokerKind::Memory {
+        anyhow::bail!(
+            "dead letters live in RabbitMQ: the memory broker keeps them inside its own dev \
+             process only (use --broker rabbitmq, the default here)"
+        );
+    }
+    let broker = RabbitBroker::attach(RabbitConfig {
+        url: backend.amqp_url.expose_secret().to_owned(),
+        prefix: backend.queue_prefix.clone(),
+        delivery_limit: backend.delivery_limit,
+        publish_timeout: backend.io_timeout(),
+    })
+    .await?;
+    match action {
+        DeadLetterAction::List { limit } => {
+            let listed = broker.list_dead_letters(limit).await?;
+            if listed.is_empty() {
+                eprintln!("no dead letters in {}", broker.dead_queue_name());
+            }
+            for dead in listed {
+                println!("{}", serde_json_line(&dead));
+            }
+        }
+        DeadLetterAction::Replay { id, limit } => {
+            let n = broker.replay_dead_letters(id.as_deref(), limit).await?;
+            match (n, &id) {
+                (0, Some(id)) => anyhow::bail!("no dead letter with id {id}"),
+                (0, None) => println!("no dead letters to replay"),
+                (n, _) => println!("replayed {n} dead letter(s)"),
+            }
+        }
+        DeadLetterAction::Purge => {
+            let n = broker.purge_dead_letters().await?;
+            println!("purged {n} dead letter(s)");
+        }
+    }
+    Ok(())
 }
 
 /// The trunk dev mode dials through when none is configured (the emulator takes any).
@@ -232,33 +220,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             running.shutdown().await;
             Ok(())
         }
-        Command::DeadLetters { backend, action } => {
-            let backends = connect(
-                &backend,
-                backend.broker_or(BrokerKind::Rabbitmq),
-                StoreKind::Memory,
-            )
-            .await?;
-            match action {
-                DeadLetterAction::List { limit } => {
-                    for dead in backends.broker.list_dead_letters(limit).await? {
-                        println!("{}", serde_json_line(&dead));
-                    }
-                }
-                DeadLetterAction::Replay { id, limit } => {
-                    let n = backends
-                        .broker
-                        .replay_dead_letters(id.as_deref(), limit)
-                        .await?;
-                    println!("replayed {n} dead letter(s)");
-                }
-                DeadLetterAction::Purge => {
-                    let n = backends.broker.purge_dead_letters().await?;
-                    println!("purged {n} dead letter(s)");
-                }
-            }
-            Ok(())
-        }
+        Command::DeadLetters { backend, action } => dead_letters(&backend, action).await,
         Command::Ingress {
             backend,
             livekit,
@@ -298,18 +260,16 @@ pub async fn run(cli: Cli) -> Result<()> {
             cancel_on_signal(stop.clone());
             let health = serve(
                 worker.worker_http_addr,
-                health_router(readiness(&backends)),
+                health_router(fleet::readiness(&backends)),
                 stop.clone(),
                 "worker health",
             )
             .await?;
             tracing::info!(addr = %worker.worker_http_addr, "worker health and metrics listening");
-            let (runtime, sweeper) = worker_runtime(&backends, &worker, api);
-            let sweeping = tokio::spawn(sweeper.run(stop.clone()));
-            runtime
+            let settings = WorkerSettings::from_config(&worker, api.timeout());
+            fleet::worker(&backends, api, Arc::new(SystemClock), &settings)
                 .run(stop.clone(), worker.shutdown_deadline())
                 .await?;
-            let _ = sweeping.await;
             let _ = health.await;
             tracing::info!("worker stopped");
             Ok(())
@@ -361,11 +321,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             let api = livekit_client(&livekit_url, &livekit);
             let server = start_ingress(&backends, &ingress, &livekit, stop.clone()).await?;
-            let (runtime, sweeper) = worker_runtime(&backends, &worker, api);
-            tokio::spawn(sweeper.run(stop.clone()));
+            let settings = WorkerSettings::from_config(&worker, api.timeout());
+            let fleet_worker = fleet::worker(&backends, api, Arc::new(SystemClock), &settings);
             let worker_stop = stop.clone();
             let deadline = worker.shutdown_deadline();
-            let workers = tokio::spawn(async move { runtime.run(worker_stop, deadline).await });
+            let workers =
+                tokio::spawn(async move { fleet_worker.run(worker_stop, deadline).await });
 
             let base = format!("http://{}", ingress.http_addr);
             println!("callfleet dev fleet is up");
@@ -420,19 +381,19 @@ async fn start_ingress(
     livekit: &LiveKitConfig,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let state = IngressState {
-        readiness: readiness(backends),
-        max_body_bytes: ingress.max_body_bytes,
-        broker: Arc::clone(&backends.broker),
-        calls: CallBook::new(Arc::clone(&backends.store)),
-        api_keys: Arc::new(ingress.api_keys().into_iter().map(Into::into).collect()),
-        webhook_keys: Arc::new(livekit.webhook_keys()?),
-        defaults: CallDefaults {
-            region: Some(parse_region(&ingress.default_region)?),
-            trunk_id: livekit.livekit_sip_trunk_id.clone(),
+    let state = fleet::ingress(
+        backends,
+        Arc::new(SystemClock),
+        IngressSettings {
+            max_body_bytes: ingress.max_body_bytes,
+            api_keys: ingress.api_keys().into_iter().map(Into::into).collect(),
+            webhook_keys: livekit.webhook_keys()?,
+            defaults: CallDefaults {
+                region: Some(parse_region(&ingress.default_region)?),
+                trunk_id: livekit.livekit_sip_trunk_id.clone(),
+            },
         },
-        clock: Arc::new(SystemClock),
-    };
+    );
     serve(
         ingress.http_addr,
         callfleet_ingress::app(state),
@@ -449,14 +410,6 @@ fn livekit_client(url: &str, livekit: &LiveKitConfig) -> Arc<LiveKitApi> {
         livekit.livekit_api_secret.expose_secret(),
         livekit.timeout(),
     ))
-}
-
-fn readiness(backends: &Backends) -> Readiness {
-    Readiness {
-        broker: Arc::clone(&backends.broker),
-        store: Arc::clone(&backends.store),
-        timeout: Duration::from_secs(2),
-    }
 }
 
 fn uuid_simple() -> String {

@@ -155,3 +155,69 @@ async fn unauthenticated_requests_are_refused_before_the_body_is_read() {
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
     fleet.stop().await;
 }
+
+/// Reads until the server closes the connection (or `limit` passes); what it sent.
+fn read_until_closed(stream: &mut std::net::TcpStream, limit: Duration) -> (String, bool) {
+    stream.set_read_timeout(Some(limit)).expect("timeout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&seen).into_owned(), true),
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&seen).into_owned(), false),
+        }
+    }
+}
+
+/// Connections cannot be held open for free: half-sent headers, an idle keep-alive
+/// connection and a body shorter than its Content-Length all end within the server's
+/// bounds (10 s for headers and idleness, 15 s for a body), not after minutes.
+#[tokio::test]
+async fn slow_and_idle_connections_are_closed() {
+    let fleet = TestFleet::start("api-timeouts", FleetOptions::default()).await;
+    let addr = fleet.base.trim_start_matches("http://").to_owned();
+    let limit = Duration::from_secs(25);
+    let half_headers = {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+                .expect("write");
+            read_until_closed(&mut s, limit)
+        })
+    };
+    let idle = {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                .expect("write");
+            read_until_closed(&mut s, limit)
+        })
+    };
+    let short_body = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        let head = format!(
+            "POST /v1/calls HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {API_KEY}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"to\":"
+        );
+        s.write_all(head.as_bytes()).expect("write");
+        read_until_closed(&mut s, limit)
+    });
+    let (sent, closed) = half_headers.await.expect("join");
+    assert!(
+        closed && sent.is_empty(),
+        "half-sent headers: {sent:?} closed={closed}"
+    );
+    let (sent, closed) = idle.await.expect("join");
+    assert!(
+        closed && sent.starts_with("HTTP/1.1 200"),
+        "idle keep-alive: {sent:?} closed={closed}"
+    );
+    let (sent, closed) = short_body.await.expect("join");
+    assert!(
+        sent.starts_with("HTTP/1.1 4"),
+        "a body that never comes: {sent:?} closed={closed}"
+    );
+    fleet.stop().await;
+}

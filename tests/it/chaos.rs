@@ -7,8 +7,8 @@
 //! every queue empty afterwards except dead letters that explain themselves, and the
 //! broker's peak message count a small multiple of the calls.
 //!
-//! The suite runs a few hundred calls; `scripts/chaos` runs the same at 10,000 (release
-//! build, `CALLFLEET_CHAOS_CALLS`) and prints the summary table.
+//! The suite runs a few hundred calls; `scripts/chaos` runs the same test at 10,000
+//! (release build, `CALLFLEET_CHAOS_CALLS`) and prints the summary table.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -486,16 +486,9 @@ async fn run(settings: Settings) {
     fleet.stop().await;
 }
 
-/// A few hundred calls under every fault at once, in the suite.
+/// A few hundred calls under every fault at once; `scripts/chaos` runs this same test
+/// with `CALLFLEET_CHAOS_CALLS=10000` and a Redis on AOF to restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_in_the_suite() {
+async fn every_fault_at_once() {
     run(Settings::from_env(280)).await;
-}
-
-/// `scripts/chaos`: the same at `CALLFLEET_CHAOS_CALLS` (10,000 by default there), with a
-/// Redis on AOF restarted mid-run. On demand only: it runs for minutes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long run; scripts/chaos runs it"]
-async fn chaos_at_scale() {
-    run(Settings::from_env(10_000)).await;
 }

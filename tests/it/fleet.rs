@@ -1,21 +1,17 @@
-//! A whole fleet in the test process: the ingress on a real port, worker runtimes with
-//! the real handlers, and the LiveKit emulator posting signed webhooks to the ingress.
+//! A whole fleet in the test process, built by the binary's own composition root
+//! (`callfleet::fleet`): the ingress on a real port, workers with the real handlers, and the LiveKit emulator posting signed webhooks to the ingress.
 //! Backends are in-memory or RabbitMQ + Redis on a fresh prefix.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use callfleet_core::adapters::LiveKitApi;
-use callfleet_core::calls::{CallBook, ShiftedClock};
+use callfleet::fleet::{self, IngressSettings, WorkerSettings};
+use callfleet_core::adapters::{Backends, LiveKitApi};
+use callfleet_core::calls::ShiftedClock;
 use callfleet_core::domain::phone::parse_region;
 use callfleet_core::domain::request::CallDefaults;
-use callfleet_core::lifecycle::Readiness;
 use callfleet_core::ports::{Broker, Store};
-use callfleet_ingress::IngressState;
-use callfleet_workers::{
-    CallDeps, OutboundCallHandler, OutboundSettings, SweepSettings, Sweeper, WebhookEventHandler,
-    WorkerRuntime,
-};
+use callfleet_workers::{OutboundSettings, SweepSettings};
 use livekit_emulator::{ApiRecord, Emulator, EmulatorConfig, RunningEmulator};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -81,8 +77,8 @@ pub struct TestFleet {
     pub base: String,
     pub http: reqwest::Client,
     pub emulator: Emulator,
-    pub calls: CallBook,
     pub broker: Arc<dyn Broker>,
+    backends: Backends,
     pub clock: Arc<ShiftedClock>,
     pub prefix: Option<String>,
     running: Option<RunningEmulator>,
@@ -131,32 +127,31 @@ impl TestFleet {
             .await
             .expect("start emulator");
         let clock = Arc::new(ShiftedClock::default());
-        let calls = CallBook::new(Arc::clone(&store));
-        let state = IngressState {
-            readiness: Readiness {
-                broker: Arc::clone(&broker),
-                store: Arc::clone(&store),
-                timeout: Duration::from_secs(2),
-            },
-            max_body_bytes: 64 * 1024,
+        let backends = Backends {
             broker: Arc::clone(&broker),
-            calls: calls.clone(),
-            api_keys: Arc::new(vec![API_KEY.into()]),
-            webhook_keys: Arc::new(vec![("devkey".into(), "secret".into())]),
-            defaults: CallDefaults {
-                region: parse_region("US").ok(),
-                trunk_id: Some(TRUNK.into()),
-            },
-            clock: clock.clone(),
+            store: Arc::clone(&store),
+            delivery_limit: 10,
         };
+        // Wired by the same composition root as the binary.
+        let state = fleet::ingress(
+            &backends,
+            clock.clone(),
+            IngressSettings {
+                max_body_bytes: 64 * 1024,
+                api_keys: vec![API_KEY.into()],
+                webhook_keys: vec![("devkey".into(), "secret".into())],
+                defaults: CallDefaults {
+                    region: parse_region("US").ok(),
+                    trunk_id: Some(TRUNK.into()),
+                },
+            },
+        );
         let stop = CancellationToken::new();
-        let mut tasks = Vec::new();
-        let server_stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let _ = axum::serve(listener, callfleet_ingress::app(state))
-                .with_graceful_shutdown(async move { server_stop.cancelled().await })
-                .await;
-        }));
+        let tasks = vec![tokio::spawn(fleet::serve(
+            listener,
+            callfleet_ingress::app(state),
+            stop.clone(),
+        ))];
         let livekit = Arc::new(LiveKitApi::new(
             &running.url(),
             "devkey",
@@ -164,11 +159,11 @@ impl TestFleet {
             Duration::from_secs(10),
         ));
         let clean = prefix.clone().map(CleanOnDrop);
-        let mut fleet = Self {
+        let mut test_fleet = Self {
             base,
             http: reqwest::Client::new(),
             emulator: running.emulator.clone(),
-            calls,
+            backends,
             broker,
             clock,
             prefix,
@@ -182,28 +177,30 @@ impl TestFleet {
             _clean: clean,
         };
         for _ in 0..options.workers {
-            fleet.spawn_worker();
+            test_fleet.spawn_worker();
         }
-        fleet
+        test_fleet
     }
 
-    /// Starts one more worker runtime on the fleet's broker and store.
+    /// Starts one more worker (runtime and sweeper) on the fleet's broker and store, wired
+    /// by the same composition root as the binary's.
     pub fn spawn_worker(&mut self) {
-        let deps = CallDeps {
-            calls: self.calls.clone(),
-            broker: Arc::clone(&self.broker),
-            livekit: self.livekit.clone(),
-            clock: self.clock.clone(),
-            settings: self.settings.clone(),
+        let settings = WorkerSettings {
+            outbound: self.settings.clone(),
+            sweep: self.sweep.clone(),
+            prefetch: 64,
+            concurrency: 64,
+            max_job_attempts: self.max_job_attempts,
         };
-        let runtime = WorkerRuntime::new(Arc::clone(&self.broker), 64, 64, self.max_job_attempts)
-            .with_handler(Arc::new(OutboundCallHandler::new(deps.clone())))
-            .with_handler(Arc::new(WebhookEventHandler::new(deps.clone())));
+        let worker = fleet::worker(
+            &self.backends,
+            self.livekit.clone(),
+            self.clock.clone(),
+            &settings,
+        );
         let stop = self.stop.clone();
-        let sweeper = Sweeper::new(deps, self.sweep.clone());
-        self.tasks.push(tokio::spawn(sweeper.run(stop.clone())));
         self.tasks.push(tokio::spawn(async move {
-            let _ = runtime.run(stop, Duration::from_secs(5)).await;
+            let _ = worker.run(stop, Duration::from_secs(5)).await;
         }));
     }
 

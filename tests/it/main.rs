@@ -7,6 +7,7 @@ mod api_errors;
 mod broker_conformance;
 mod chaos;
 mod crash;
+mod dead_letters_cli;
 mod emulator;
 mod fleet;
 mod harness;

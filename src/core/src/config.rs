@@ -75,18 +75,20 @@ pub struct LogConfig {
     pub log: String,
 }
 
-/// Broker and store selection and connection settings.
+/// Broker and store selection and connection settings. Global, so a subcommand's own
+/// subcommands take them after their verb too (`dead-letters list --queue-prefix x`).
 #[derive(Debug, Clone, Args)]
 pub struct BackendConfig {
     /// Broker adapter (default: memory for `dev`, rabbitmq otherwise).
-    #[arg(long, env = "CALLFLEET_BROKER", value_enum)]
+    #[arg(long, global = true, env = "CALLFLEET_BROKER", value_enum)]
     pub broker: Option<BrokerKind>,
     /// Store adapter (default: memory for `dev`, redis otherwise).
-    #[arg(long, env = "CALLFLEET_STORE", value_enum)]
+    #[arg(long, global = true, env = "CALLFLEET_STORE", value_enum)]
     pub store: Option<StoreKind>,
     /// AMQP URL of RabbitMQ (may hold a password; never logged).
     #[arg(
         long,
+        global = true,
         env = "CALLFLEET_AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         hide_default_value = false
@@ -95,21 +97,42 @@ pub struct BackendConfig {
     /// Redis URL (may hold a password; never logged).
     #[arg(
         long,
+        global = true,
         env = "CALLFLEET_REDIS_URL",
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: SecretString,
     /// Prefix of every exchange and queue, so several fleets can share a broker.
-    #[arg(long, env = "CALLFLEET_QUEUE_PREFIX", default_value = "callfleet")]
+    #[arg(
+        long,
+        global = true,
+        env = "CALLFLEET_QUEUE_PREFIX",
+        default_value = "callfleet"
+    )]
     pub queue_prefix: String,
     /// Prefix of every Redis key, so several fleets can share a Redis.
-    #[arg(long, env = "CALLFLEET_KEY_PREFIX", default_value = "callfleet")]
+    #[arg(
+        long,
+        global = true,
+        env = "CALLFLEET_KEY_PREFIX",
+        default_value = "callfleet"
+    )]
     pub key_prefix: String,
     /// Deliveries of one message before it is dead-lettered (quorum `x-delivery-limit`).
-    #[arg(long, env = "CALLFLEET_DELIVERY_LIMIT", default_value_t = 10)]
+    #[arg(
+        long,
+        global = true,
+        env = "CALLFLEET_DELIVERY_LIMIT",
+        default_value_t = 10
+    )]
     pub delivery_limit: u32,
     /// How long a publish (connect + confirm) or a store call may take, in milliseconds.
-    #[arg(long, env = "CALLFLEET_IO_TIMEOUT_MS", default_value_t = 5_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "CALLFLEET_IO_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
     pub io_timeout_ms: u64,
 }
 

@@ -23,9 +23,9 @@ use bytes::Bytes;
 use chrono::{TimeZone, Utc};
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -75,6 +75,8 @@ pub struct RabbitBroker {
 struct Inner {
     config: RabbitConfig,
     live: Mutex<Option<Live>>,
+    /// Declare the topology on connect (a fleet), or only check it exists (tools).
+    declare: bool,
 }
 
 struct Live {
@@ -98,10 +100,22 @@ impl RabbitBroker {
     /// Connects and declares the topology, failing fast (within `publish_timeout`) if the
     /// broker is unreachable.
     pub async fn connect(config: RabbitConfig) -> Result<Self, BrokerError> {
+        Self::open_with(config, true).await
+    }
+
+    /// Connects to a fleet's existing topology without declaring anything (operator
+    /// tools): a wrong prefix is an error naming the queue that is not there, not a new
+    /// empty topology.
+    pub async fn attach(config: RabbitConfig) -> Result<Self, BrokerError> {
+        Self::open_with(config, false).await
+    }
+
+    async fn open_with(config: RabbitConfig, declare: bool) -> Result<Self, BrokerError> {
         let broker = Self {
             inner: Arc::new(Inner {
                 config,
                 live: Mutex::new(None),
+                declare,
             }),
         };
         broker.inner.publisher().await?;
@@ -182,7 +196,17 @@ impl Inner {
             })?
             .map_err(unavailable)?;
         let channel = connection.create_channel().await.map_err(unavailable)?;
-        self.declare_topology(&channel).await?;
+        if self.declare {
+            self.declare_topology(&channel).await?;
+        } else {
+            let dead = self.dead_queue();
+            if message_count(&channel, &dead).await.is_err() {
+                return Err(BrokerError::Protocol(format!(
+                    "there is no queue {dead} on this broker: is CALLFLEET_QUEUE_PREFIX ({}) the fleet's?",
+                    self.config.prefix
+                )));
+            }
+        }
         let publisher = connection.create_channel().await.map_err(unavailable)?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
@@ -440,6 +464,70 @@ fn confirm_result(confirmation: Confirmation) -> Result<(), BrokerError> {
         Confirmation::NotRequested => Err(BrokerError::NotConfirmed("confirms not enabled".into())),
     }
 }
+
+/// Up to `limit` of the messages in `queue`, delivered to `ch` unacknowledged (they go
+/// back when the channel closes): a quorum queue cannot be browsed, and consumers read
+/// 100,000 messages in seconds where `basic.get` takes one round trip each. A consumer
+/// holds at most 65,535 unacknowledged messages (the largest prefetch), so larger reads
+/// use several consumers on the channel. Ends at `limit`, or once nothing more comes:
+/// briefly after what the queue held at the start (messages another reader just handed
+/// back may still be on their way), longer before.
+async fn browse(
+    ch: &Channel,
+    queue: &str,
+    limit: usize,
+) -> Result<
+    futures::stream::BoxStream<'static, Result<lapin::message::Delivery, BrokerError>>,
+    BrokerError,
+> {
+    const MAX_PREFETCH: usize = u16::MAX as usize;
+    let held = message_count(ch, queue).await? as usize;
+    ch.basic_qos(
+        limit.clamp(1, MAX_PREFETCH) as u16,
+        BasicQosOptions::default(),
+    )
+    .await
+    .map_err(unavailable)?;
+    let mut consumers = Vec::new();
+    for _ in 0..limit.min(held).div_ceil(MAX_PREFETCH).max(1) {
+        consumers.push(
+            ch.basic_consume(
+                s(queue),
+                s(&format!(
+                    "callfleet-browse-{}",
+                    uuid::Uuid::new_v4().simple()
+                )),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?,
+        );
+    }
+    let deliveries = futures::stream::select_all(consumers).map(|d| d.map_err(unavailable));
+    let started = tokio::time::Instant::now();
+    Ok(futures::stream::unfold(
+        (deliveries, 0usize),
+        move |(mut deliveries, got)| async move {
+            if got >= limit || started.elapsed() > BROWSE_LIMIT {
+                return None;
+            }
+            let idle = if got < held {
+                Duration::from_secs(5)
+            } else {
+                Duration::from_millis(300)
+            };
+            match tokio::time::timeout(idle, deliveries.next()).await {
+                Ok(Some(item)) => Some((item, (deliveries, got + 1))),
+                _ => None,
+            }
+        },
+    )
+    .boxed())
+}
+
+/// How long browsing a queue may take at most.
+const BROWSE_LIMIT: Duration = Duration::from_secs(120);
 
 /// Ready messages in `queue` (a passive declare; deliveries awaiting an ack not included).
 async fn message_count(ch: &Channel, queue: &str) -> Result<u64, BrokerError> {
@@ -799,16 +887,10 @@ impl Broker for RabbitBroker {
         self.inner
             .with_temp_channel(|ch| async move {
                 let mut out = Vec::new();
-                // Unacked gets return to the queue when the channel closes.
-                while out.len() < limit {
-                    match ch
-                        .basic_get(s(&queue), BasicGetOptions { no_ack: false })
-                        .await
-                        .map_err(unavailable)?
-                    {
-                        Some(got) => out.push(dead_letter_from(&got.delivery)),
-                        None => break,
-                    }
+                let mut deliveries = browse(&ch, &queue, limit).await?;
+                // Unacknowledged, they all go back when the channel closes.
+                while let Some(delivery) = deliveries.next().await {
+                    out.push(dead_letter_from(&delivery?));
                 }
                 Ok(out)
             })
@@ -826,17 +908,15 @@ impl Broker for RabbitBroker {
         self.inner
             .with_temp_channel(|ch| async move {
                 let mut moved = 0;
-                let mut scanned = 0;
-                while moved < limit && scanned < 100_000 {
-                    let Some(got) = ch
-                        .basic_get(s(&queue), BasicGetOptions { no_ack: false })
-                        .await
-                        .map_err(unavailable)?
-                    else {
+                // Looking for one id scans the whole queue; otherwise the first `limit`.
+                let scan = if wanted.is_some() { usize::MAX } else { limit };
+                let mut deliveries = browse(&ch, &queue, scan).await?;
+                while moved < limit {
+                    let Some(delivery) = deliveries.next().await else {
                         break;
                     };
-                    scanned += 1;
-                    let dead = dead_letter_from(&got.delivery);
+                    let delivery = delivery?;
+                    let dead = dead_letter_from(&delivery);
                     if wanted.as_deref().is_some_and(|id| id != dead.message_id) {
                         continue; // returned to the queue when the channel closes
                     }
@@ -846,7 +926,7 @@ impl Broker for RabbitBroker {
                     message.headers.remove(headers::DEAD_REASON);
                     message.headers.remove(headers::DEAD_QUEUE);
                     inner.publish_confirmed(&message, &[], None).await?;
-                    got.delivery
+                    delivery
                         .acker
                         .ack(BasicAckOptions::default())
                         .await

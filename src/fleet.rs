@@ -1,0 +1,204 @@
+//! The composition root: how the fleet's parts are put together from adapters and settings.
+//! The binary's subcommands, dev mode and the integration tests all build the fleet here,
+//! so what the tests run is wired exactly as what ships.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use callfleet_core::adapters::Backends;
+use callfleet_core::calls::{CallBook, Clock};
+use callfleet_core::config::WorkerConfig;
+use callfleet_core::domain::request::CallDefaults;
+use callfleet_core::lifecycle::Readiness;
+use callfleet_core::ports::LiveKit;
+use callfleet_ingress::IngressState;
+use callfleet_workers::{
+    CallDeps, OutboundCallHandler, OutboundSettings, SweepSettings, Sweeper, WebhookEventHandler,
+    WorkerRuntime,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+/// How long a readiness probe waits for the broker and the store.
+const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `/readyz` for a process on these backends.
+pub fn readiness(backends: &Backends) -> Readiness {
+    Readiness {
+        broker: Arc::clone(&backends.broker),
+        store: Arc::clone(&backends.store),
+        timeout: READINESS_TIMEOUT,
+    }
+}
+
+/// What the ingress is configured with.
+pub struct IngressSettings {
+    pub max_body_bytes: usize,
+    /// Bearer keys of the call API.
+    pub api_keys: Vec<SecretString>,
+    /// LiveKit API keys whose signatures webhooks may carry.
+    pub webhook_keys: Vec<(String, SecretString)>,
+    pub defaults: CallDefaults,
+}
+
+/// The ingress's state (serve it with `callfleet_ingress::app`).
+pub fn ingress(
+    backends: &Backends,
+    clock: Arc<dyn Clock>,
+    settings: IngressSettings,
+) -> IngressState {
+    IngressState {
+        readiness: readiness(backends),
+        max_body_bytes: settings.max_body_bytes,
+        broker: Arc::clone(&backends.broker),
+        calls: CallBook::new(Arc::clone(&backends.store)),
+        api_keys: Arc::new(settings.api_keys),
+        webhook_keys: Arc::new(settings.webhook_keys),
+        defaults: settings.defaults,
+        clock,
+    }
+}
+
+/// What a worker process is configured with.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub outbound: OutboundSettings,
+    pub sweep: SweepSettings,
+    pub prefetch: u16,
+    pub concurrency: usize,
+    /// Broker-delayed retries of a job before it is dead-lettered.
+    pub max_job_attempts: u32,
+}
+
+impl WorkerSettings {
+    /// From the worker's configuration; `livekit_timeout` is the LiveKit client's
+    /// per-request timeout (a request that timed out may still be running in LiveKit for
+    /// about as long again).
+    pub fn from_config(worker: &WorkerConfig, livekit_timeout: Duration) -> Self {
+        Self {
+            outbound: OutboundSettings {
+                default_agent: worker.default_agent.clone(),
+                trunk_max_concurrent: worker.trunk_max_concurrent,
+                trunk_cps: worker.trunk_cps,
+                lease_ttl: Duration::from_secs(worker.lease_ttl_s),
+                livekit_settle: livekit_timeout + Duration::from_secs(5),
+                dial_evidence_grace: Duration::from_secs(worker.dial_evidence_grace_s.max(1)),
+                ..OutboundSettings::default()
+            },
+            sweep: SweepSettings {
+                every: Duration::from_secs(worker.sweep_interval_s.max(1)),
+                quiet: Duration::from_secs(worker.sweep_after_s.max(1)),
+                ..SweepSettings::default()
+            },
+            prefetch: worker.prefetch,
+            concurrency: worker.concurrency,
+            max_job_attempts: worker.max_job_attempts,
+        }
+    }
+}
+
+/// A worker: the runtime serving the job handlers, and the sweeper beside it.
+pub struct Worker {
+    pub runtime: WorkerRuntime,
+    pub sweeper: Sweeper,
+}
+
+impl Worker {
+    /// Runs both until `stop`, then drains in-flight jobs for at most `deadline`.
+    pub async fn run(
+        self,
+        stop: CancellationToken,
+        deadline: Duration,
+    ) -> Result<(), callfleet_core::ports::BrokerError> {
+        let sweeping = tokio::spawn(self.sweeper.run(stop.clone()));
+        let result = self.runtime.run(stop, deadline).await;
+        let _ = sweeping.await;
+        result
+    }
+}
+
+/// A worker on `backends`, talking to LiveKit through `livekit`.
+pub fn worker(
+    backends: &Backends,
+    livekit: Arc<dyn LiveKit>,
+    clock: Arc<dyn Clock>,
+    settings: &WorkerSettings,
+) -> Worker {
+    let deps = CallDeps {
+        calls: CallBook::new(Arc::clone(&backends.store)),
+        broker: Arc::clone(&backends.broker),
+        livekit,
+        clock,
+        settings: settings.outbound.clone(),
+    };
+    let runtime = WorkerRuntime::new(
+        Arc::clone(&backends.broker),
+        settings.prefetch,
+        settings.concurrency,
+        settings.max_job_attempts,
+    )
+    .with_delivery_limit(backends.delivery_limit)
+    .with_handler(Arc::new(OutboundCallHandler::new(deps.clone())))
+    .with_handler(Arc::new(WebhookEventHandler::new(deps.clone())));
+    Worker {
+        runtime,
+        sweeper: Sweeper::new(deps, settings.sweep.clone()),
+    }
+}
+
+/// How long a client may take to send a request's headers, which is also how long a
+/// kept-alive connection may sit idle, before the connection is closed.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = Duration::from_secs(10);
+/// How long a request's body may take to arrive (a body shorter than its Content-Length
+/// would otherwise hold the request open for ever).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long in-flight requests get to finish once the server is told to stop.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Serves `app` on `listener` until `stop`, with bounded header, idle and body times (which
+/// `axum::serve` does not bound), then lets in-flight requests finish for a while.
+pub async fn serve(listener: tokio::net::TcpListener, app: axum::Router, stop: CancellationToken) {
+    let service = tower::ServiceBuilder::new()
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            BODY_READ_TIMEOUT,
+        ))
+        .service(app);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, do not spin.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let hyper_service = hyper_util::service::TowerToHyperService::new(service.clone());
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), hyper_service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain time; closing them");
+    }
+}
