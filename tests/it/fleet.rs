@@ -184,7 +184,7 @@ impl TestFleet {
 
     /// Starts one more worker (runtime and sweeper) on the fleet's broker and store, wired
     /// by the same composition root as the binary's.
-    pub fn spawn_worker(&mut self) {
+    pub fn spawn_worker(&mut self) -> CancellationToken {
         let settings = WorkerSettings {
             outbound: self.settings.clone(),
             sweep: self.sweep.clone(),
@@ -198,10 +198,13 @@ impl TestFleet {
             self.clock.clone(),
             &settings,
         );
-        let stop = self.stop.clone();
+        // Its own token, so a test can stop this worker alone (as a crash would).
+        let stop = self.stop.child_token();
+        let worker_stop = stop.clone();
         self.tasks.push(tokio::spawn(async move {
-            let _ = worker.run(stop, Duration::from_secs(5)).await;
+            let _ = worker.run(worker_stop, Duration::from_millis(500)).await;
         }));
+        stop
     }
 
     pub fn emulator_url(&self) -> String {

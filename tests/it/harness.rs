@@ -291,6 +291,11 @@ impl Broker for DownBroker {
 pub struct Outage {
     store_ops: parking_lot::Mutex<std::collections::HashSet<&'static str>>,
     publish: std::sync::atomic::AtomicBool,
+    /// Store operations that hang for ever once they have been carried out: a worker
+    /// frozen (then killed) right after that step.
+    hang_after: parking_lot::Mutex<std::collections::HashSet<&'static str>>,
+    /// A queue whose publishes hang for ever before anything is sent.
+    hang_publish: parking_lot::Mutex<Option<WorkQueue>>,
 }
 
 impl Outage {
@@ -304,6 +309,21 @@ impl Outage {
     pub fn heal(&self) {
         self.store_ops.lock().clear();
         self.broker_down(false);
+        self.hang_after.lock().clear();
+        *self.hang_publish.lock() = None;
+    }
+    /// `op` is carried out, then never returns.
+    pub fn hang_after(&self, op: &'static str) {
+        self.hang_after.lock().insert(op);
+    }
+    /// Publishes to `queue` never return (nothing is sent).
+    pub fn hang_publishes_to(&self, queue: WorkQueue) {
+        *self.hang_publish.lock() = Some(queue);
+    }
+    async fn maybe_hang_after(&self, op: &'static str) {
+        if self.hang_after.lock().contains(op) {
+            std::future::pending::<()>().await;
+        }
     }
     fn store(&self, op: &'static str) -> Result<(), callfleet_core::ports::StoreError> {
         if self.store_ops.lock().contains(op) {
@@ -392,7 +412,9 @@ impl Store for FlakyStore {
         ttl: Duration,
     ) -> Result<bool, callfleet_core::ports::StoreError> {
         self.outage.store("first_seen")?;
-        self.inner.first_seen(event_id, ttl).await
+        let first = self.inner.first_seen(event_id, ttl).await;
+        self.outage.maybe_hang_after("first_seen").await;
+        first
     }
     async fn watch(&self, id: &str, due_ms: i64) -> Result<(), callfleet_core::ports::StoreError> {
         self.outage.store("watch")?;
@@ -476,6 +498,9 @@ pub struct FlakyBroker {
 impl Broker for FlakyBroker {
     async fn publish(&self, m: Message) -> Result<(), BrokerError> {
         self.outage.broker()?;
+        if *self.outage.hang_publish.lock() == Some(m.queue) {
+            std::future::pending::<()>().await;
+        }
         self.inner.publish(m).await
     }
     async fn publish_many(&self, m: Vec<Message>) -> Vec<Result<(), BrokerError>> {
