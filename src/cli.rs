@@ -52,7 +52,8 @@ enum Command {
         #[arg(
             long,
             env = "CALLFLEET_EMULATOR_ADDR",
-            default_value = "127.0.0.1:7880"
+            default_value = "127.0.0.1:7880",
+            value_parser = callfleet_core::config::listen_addr
         )]
         emulator_addr: SocketAddr,
     },
@@ -80,7 +81,8 @@ enum Command {
         #[arg(
             long,
             env = "CALLFLEET_EMULATOR_ADDR",
-            default_value = "127.0.0.1:7880"
+            default_value = "127.0.0.1:7880",
+            value_parser = callfleet_core::config::listen_addr
         )]
         addr: SocketAddr,
         /// API keys, `key:secret,key2:secret2`; the first signs webhooks.

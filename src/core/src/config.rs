@@ -268,7 +268,7 @@ impl LiveKitConfig {
 #[derive(Debug, Clone, Args)]
 pub struct IngressConfig {
     /// Address the ingress listens on.
-    #[arg(long, env = "CALLFLEET_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "CALLFLEET_HTTP_ADDR", default_value = "127.0.0.1:8080", value_parser = listen_addr)]
     pub http_addr: SocketAddr,
     /// API keys accepted as `Authorization: Bearer <key>`, comma-separated (never logged).
     /// `dev` generates one when unset.
@@ -323,7 +323,8 @@ pub struct WorkerConfig {
     #[arg(
         long,
         env = "CALLFLEET_WORKER_HTTP_ADDR",
-        default_value = "127.0.0.1:9090"
+        default_value = "127.0.0.1:9090",
+        value_parser = listen_addr
     )]
     pub worker_http_addr: SocketAddr,
     /// Unacked messages the broker may hand each consumer at once.
@@ -403,6 +404,17 @@ impl WorkerConfig {
     }
 }
 
+/// A listen address, `host:port`; a host name (`localhost:8081`) is resolved.
+pub fn listen_addr(value: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let mut addrs = value
+        .to_socket_addrs()
+        .map_err(|e| format!("{value:?} is not a host:port address ({e})"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{value:?} resolves to no address"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,5 +484,15 @@ mod tests {
             cli.backend.validate().expect_err("invalid").var,
             "CALLFLEET_QUEUE_PREFIX"
         );
+    }
+
+    #[test]
+    fn listen_addresses_take_host_names() {
+        assert_eq!(
+            super::listen_addr("localhost:8081").map(|a| a.port()),
+            Ok(8081)
+        );
+        assert!(super::listen_addr("127.0.0.1:8080").is_ok());
+        assert!(super::listen_addr("8080").is_err());
     }
 }

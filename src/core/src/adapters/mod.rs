@@ -28,12 +28,32 @@ pub struct Backends {
     pub delivery_limit: u32,
 }
 
+/// A backend that could not be reached at start-up, named by where it was looked for
+/// (host and port; never the credentials in its URL). The cause follows as the source.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("broker: {0}")]
-    Broker(#[from] BrokerError),
-    #[error("store: {0}")]
-    Store(#[from] StoreError),
+    #[error("RabbitMQ at {at}")]
+    Broker {
+        at: String,
+        #[source]
+        source: BrokerError,
+    },
+    #[error("Redis at {at}")]
+    Store {
+        at: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// `host:port` of a service URL such as `amqp://user:secret@host:5672/%2f`.
+pub fn endpoint(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host)
+        .to_owned()
 }
 
 impl Backends {
@@ -52,7 +72,11 @@ impl Backends {
                     delivery_limit: config.delivery_limit,
                     publish_timeout: config.io_timeout(),
                 })
-                .await?,
+                .await
+                .map_err(|source| BackendError::Broker {
+                    at: endpoint(config.amqp_url.expose_secret()),
+                    source,
+                })?,
             ),
         };
         let store: Arc<dyn Store> = match store {
@@ -63,7 +87,11 @@ impl Backends {
                     &config.key_prefix,
                     config.io_timeout(),
                 )
-                .await?,
+                .await
+                .map_err(|source| BackendError::Store {
+                    at: endpoint(config.redis_url.expose_secret()),
+                    source,
+                })?,
             ),
         };
         Ok(Self {
@@ -71,5 +99,21 @@ impl Backends {
             store,
             delivery_limit: config.delivery_limit,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn endpoints_name_host_and_port_never_credentials() {
+        assert_eq!(
+            super::endpoint("amqp://guest:s3cret@rabbit.internal:5672/%2f"),
+            "rabbit.internal:5672"
+        );
+        assert_eq!(
+            super::endpoint("redis://:pw@10.0.0.7:6380/2"),
+            "10.0.0.7:6380"
+        );
+        assert_eq!(super::endpoint("redis://127.0.0.1:6379"), "127.0.0.1:6379");
     }
 }

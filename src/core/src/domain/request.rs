@@ -43,7 +43,12 @@ pub struct CallRequest {
     pub context: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// A time in the past means "now".
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "rfc3339"
+    )]
     pub not_before: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call_window: Option<CallWindow>,
@@ -286,12 +291,44 @@ impl CallRequest {
         };
         call.note(now, "accepted", None);
         if let Some(due) = call.deferred_until(now) {
+            // Each bound may hold alone and still, together, push the first dial too far.
+            let horizon = now + chrono::Duration::from_std(MAX_DELAY).unwrap_or_default();
+            if due > horizon {
+                let field = if call.call_window.is_some() {
+                    "call_window"
+                } else {
+                    "not_before"
+                };
+                return Err(bad(
+                    field,
+                    format!(
+                        "puts the first dial at {}, more than 7 days ahead (with not_before and call_window together)",
+                        due.to_rfc3339()
+                    ),
+                ));
+            }
             call.status = CallStatus::Scheduled;
             call.scheduled_for = Some(due);
             call.note(now, "scheduled", Some(due.to_rfc3339()));
         }
         Ok(call)
     }
+}
+
+/// `not_before` as RFC 3339, with an error that says so (chrono's says "input contains
+/// invalid characters").
+fn rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    let text: Option<String> = Option::deserialize(d)?;
+    text.map(|t| {
+        DateTime::parse_from_rfc3339(&t)
+            .map(|at| at.with_timezone(&Utc))
+            .map_err(|_| {
+                serde::de::Error::custom(
+                    "must be an RFC 3339 time with its offset, such as 2026-11-23T14:00:00Z",
+                )
+            })
+    })
+    .transpose()
 }
 
 #[cfg(test)]
@@ -380,6 +417,44 @@ mod tests {
         let call = r.into_call(&defaults(), now).expect("valid");
         assert_eq!(call.status, CallStatus::Scheduled);
         assert_eq!(call.scheduled_for, call.not_before);
+    }
+
+    #[test]
+    fn a_window_that_pushes_the_first_dial_past_seven_days_is_refused() {
+        let now = Utc::now();
+        let mut r = request("+15105550123");
+        // Six and a half days ahead, but the window only opens on a day that comes later.
+        r.not_before = Some(now + chrono::Duration::hours(156));
+        let late_day = (now + chrono::Duration::days(8))
+            .format("%a")
+            .to_string()
+            .to_lowercase();
+        r.call_window = Some(CallWindow {
+            timezone: "UTC".into(),
+            start: "00:00".into(),
+            end: "23:59".into(),
+            days: Some(vec![late_day]),
+        });
+        let err = r.into_call(&defaults(), now).expect_err("too far");
+        assert_eq!(err.field, "call_window");
+        assert!(err.message.contains("7 days"), "{}", err.message);
+    }
+
+    #[test]
+    fn not_before_must_be_rfc3339_and_says_so() {
+        let err = serde_json::from_value::<CallRequest>(
+            serde_json::json!({"to": "+15105550123", "not_before": "tomorrow at nine"}),
+        )
+        .expect_err("not a time");
+        assert!(err.to_string().contains("RFC 3339"), "{err}");
+        let ok = serde_json::from_value::<CallRequest>(
+            serde_json::json!({"to": "+15105550123", "not_before": "2026-11-23T14:00:00+01:00"}),
+        )
+        .expect("a time");
+        assert_eq!(
+            ok.not_before.map(|t| t.to_rfc3339()),
+            Some("2026-11-23T13:00:00+00:00".into())
+        );
     }
 
     #[test]
