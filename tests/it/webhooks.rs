@@ -191,7 +191,7 @@ async fn duplicated_webhooks_are_applied_once() {
         },
     );
     let id = fleet.submit(json!({"to": "+15105550311"})).await;
-    let call = fleet
+    fleet
         .wait_for(&id, "completed", Duration::from_secs(20))
         .await;
     crate::harness::eventually("duplicates delivered", Duration::from_secs(10), || async {
@@ -214,6 +214,17 @@ async fn duplicated_webhooks_are_applied_once() {
         },
     )
     .await;
+    // Read the call once every duplicate has been handled, not before they arrived.
+    crate::harness::eventually(
+        "the webhook queue to drain",
+        Duration::from_secs(10),
+        || async {
+            let census = fleet.broker.census().await.ok()?;
+            census.values().all(|n| *n == 0).then_some(())
+        },
+    )
+    .await;
+    let (_, call) = fleet.get(&format!("/v1/calls/{id}")).await;
     assert_eq!(
         call["timeline"]
             .as_array()
