@@ -88,10 +88,11 @@ async fn happy_path(backing: Backing, wait_until_answered: bool) {
             "{step} missing from {timeline:?}"
         );
     }
-    if wait_until_answered {
-        assert!(timeline.iter().any(|e| e == "in_progress"), "{timeline:?}");
-        assert!(attempt["answered_at"].is_string());
-    }
+    // Answered: in progress before completed, known from the dial's answer with
+    // wait_until_answered, and from the leave's `sip.callStatus=hangup` without it.
+    assert!(timeline.iter().any(|e| e == "in_progress"), "{timeline:?}");
+    assert_eq!(attempt["answered"], true);
+    assert_eq!(attempt["answered_at"].is_string(), wait_until_answered);
     // Exactly one room, one dispatch, one dial, with what the agent needs.
     let dispatches = fleet.emulator.requests_of("CreateDispatch");
     assert_eq!(dispatches.len(), 1);

@@ -110,6 +110,12 @@ impl WebhookEventHandler {
                     }
                     return true;
                 }
+                if answered_now {
+                    // Without wait_until_answered the answer is first known here: LiveKit
+                    // sends no webhook when `sip.callStatus` turns `active`, only the leave
+                    // with `hangup`. The call was in progress; its timeline says so.
+                    call.advance(CallStatus::InProgress, now);
+                }
                 let details = EndDetails {
                     disconnect_reason: p.disconnect_reason.clone(),
                     ..Default::default()
