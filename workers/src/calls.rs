@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callfleet_core::calls::{wall_time, CallBook, CallBookError, CallJob, Clock};
-use callfleet_core::domain::{AfterAttempt, Call, CallStatus};
+use callfleet_core::domain::{AfterAttempt, AttemptOutcome, Call, CallStatus};
 use callfleet_core::ports::{Broker, BrokerError, LiveKit, StoreError};
 use callfleet_core::telemetry::metrics as m;
 
@@ -109,12 +109,10 @@ impl CallDeps {
     /// next attempt or counts the final status.
     pub async fn settle(&self, call: &Call, after: AfterAttempt) -> Result<(), InfraError> {
         self.release_trunk(call).await;
-        let outcome = call
-            .current_attempt()
-            .and_then(|a| a.outcome.clone())
-            .unwrap_or_else(|| "unknown".into());
-        metrics::counter!(m::CALL_ATTEMPTS, "outcome" => outcome.clone()).increment(1);
-        if outcome != "completed" {
+        let outcome = call.current_attempt().and_then(|a| a.outcome);
+        metrics::counter!(m::CALL_ATTEMPTS, "outcome" => outcome.map_or("unknown", AttemptOutcome::as_str))
+            .increment(1);
+        if outcome != Some(AttemptOutcome::Completed) {
             if let Err(e) = self.livekit.delete_room(&call.room_name).await {
                 if !e.is_not_found() {
                     tracing::debug!(call_id = %call.id, error = %e, "room not closed");

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use callfleet_core::domain::sip_outcome::SipOutcome;
-use callfleet_core::domain::webhook::{outcome_from_disconnect, ParticipantRef, WebhookEvent};
+use callfleet_core::domain::webhook::{
+    outcome_from_disconnect, EventKind, ParticipantRef, WebhookEvent,
+};
 use callfleet_core::domain::{
     call_for_room, parse_participant_identity, AfterAttempt, Call, CallStatus, EndDetails,
 };
@@ -37,24 +39,21 @@ impl WebhookEventHandler {
     }
 
     async fn apply(&self, event: &WebhookEvent) -> Result<&'static str, InfraError> {
-        match event.event.as_str() {
-            "participant_joined"
-            | "track_published"
-            | "participant_left"
-            | "participant_connection_aborted" => {
+        match &event.event {
+            EventKind::ParticipantJoined
+            | EventKind::TrackPublished
+            | EventKind::ParticipantLeft
+            | EventKind::ParticipantConnectionAborted => {
                 let Some(p) = &event.participant else {
                     return Ok("ignored");
                 };
                 let Some((call_id, attempt)) = parse_participant_identity(&p.identity) else {
                     return Ok("ignored");
                 };
-                let gone = matches!(
-                    event.event.as_str(),
-                    "participant_left" | "participant_connection_aborted"
-                );
-                self.participant_event(&call_id, attempt, p, gone).await
+                self.participant_event(&call_id, attempt, p, event.event.is_departure())
+                    .await
             }
-            "room_finished" => {
+            EventKind::RoomFinished => {
                 let Some(room) = &event.room else {
                     return Ok("ignored");
                 };

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use callfleet_core::calls::{wall_time, CallJob};
 use callfleet_core::domain::metadata::snake_case_keys;
+use callfleet_core::domain::phone::E164;
 use callfleet_core::domain::sip_outcome::{ApiFailure, FailureKind};
 use callfleet_core::domain::{AttemptEnd, Call, CallStatus, EndDetails};
 use callfleet_core::ports::livekit::DialRequest;
@@ -274,15 +275,7 @@ impl OutboundCallHandler {
         let deps = &self.deps;
         let now = deps.clock.now();
         deps.calls
-            .update(&call.id, |c| {
-                if c.status.rank(c.direction) <= CallStatus::Scheduled.rank(c.direction)
-                    && c.scheduled_for != Some(due)
-                {
-                    c.status = CallStatus::Scheduled;
-                    c.scheduled_for = Some(due);
-                    c.note(now, "scheduled", Some(due.to_rfc3339()));
-                }
-            })
+            .update(&call.id, |c| c.schedule(due, now))
             .await
             .map_err(InfraError::from)?;
         deps.broker
@@ -531,8 +524,8 @@ impl OutboundCallHandler {
         let identity = callfleet_core::domain::participant_identity(&call.id, attempt);
         DialRequest {
             trunk_id: call.trunk_id.clone().unwrap_or_default(),
-            call_to: call.to.clone(),
-            from_number: call.from.clone(),
+            call_to: call.to.to_string(),
+            from_number: call.from.as_ref().map(E164::to_string),
             room_name: call.room_name.clone(),
             participant_identity: identity,
             participant_name: None,

@@ -45,7 +45,7 @@ pub async fn receive(
     })?;
     let mut message = Message::new(WorkQueue::WebhookEvents, body.clone())
         .with_id(event.dedupe_id(&body))
-        .with_header(EVENT_HEADER, event.event.clone());
+        .with_header(EVENT_HEADER, event.event.as_str());
     // The worker's job span names the call the event is about (its room's call).
     if let Some(call_id) = event.room.as_ref().and_then(|r| call_for_room(&r.name)) {
         message = message.with_header(h::TRACE_ID, call_id);

@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::phone::E164;
 use super::sip_outcome::SipOutcome;
 use super::window::CallWindow;
 
@@ -156,7 +157,7 @@ pub struct Attempt {
     #[serde(default)]
     pub steps: AttemptSteps,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<String>,
+    pub outcome: Option<AttemptOutcome>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sip_status_code: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -204,9 +205,10 @@ pub struct Call {
     pub id: String,
     pub direction: Direction,
     pub status: CallStatus,
-    pub to: String,
+    /// Validated E.164, stored as a type (a record can only hold a valid number).
+    pub to: E164,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<String>,
+    pub from: Option<E164>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trunk_id: Option<String>,
     /// The agent to dispatch; `None` means the worker's configured default.
@@ -361,6 +363,55 @@ pub enum AttemptEnd {
     Error(String),
 }
 
+/// How an attempt ended, as the API and the metrics show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    Completed,
+    Busy,
+    NoAnswer,
+    Unavailable,
+    Declined,
+    NotFound,
+    Forbidden,
+    Failed,
+    /// The attempt could not be made, or its result cannot be known.
+    Error,
+}
+
+impl AttemptOutcome {
+    pub fn of(end: &AttemptEnd) -> Self {
+        match end {
+            AttemptEnd::Completed => AttemptOutcome::Completed,
+            AttemptEnd::Unanswered(o) => match o {
+                SipOutcome::Busy => AttemptOutcome::Busy,
+                SipOutcome::NoAnswer => AttemptOutcome::NoAnswer,
+                SipOutcome::Unavailable => AttemptOutcome::Unavailable,
+                SipOutcome::Declined => AttemptOutcome::Declined,
+                SipOutcome::NotFound => AttemptOutcome::NotFound,
+                SipOutcome::Forbidden => AttemptOutcome::Forbidden,
+                SipOutcome::Failed => AttemptOutcome::Failed,
+            },
+            AttemptEnd::Error(_) => AttemptOutcome::Error,
+        }
+    }
+
+    /// A bounded metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Completed => "completed",
+            AttemptOutcome::Busy => "busy",
+            AttemptOutcome::NoAnswer => "no_answer",
+            AttemptOutcome::Unavailable => "unavailable",
+            AttemptOutcome::Declined => "declined",
+            AttemptOutcome::NotFound => "not_found",
+            AttemptOutcome::Forbidden => "forbidden",
+            AttemptOutcome::Failed => "failed",
+            AttemptOutcome::Error => "error",
+        }
+    }
+}
+
 /// What the details of an ended attempt were.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EndDetails {
@@ -480,18 +531,14 @@ impl Call {
         }
         let number = attempt.number;
         let answered_from = attempt.answered_at.or(attempt.joined_at);
-        let outcome = match &end {
-            AttemptEnd::Completed => "completed".to_owned(),
-            AttemptEnd::Unanswered(o) => o.as_str().to_owned(),
-            AttemptEnd::Error(_) => "error".to_owned(),
-        };
-        attempt.outcome = Some(outcome.clone());
+        let outcome = AttemptOutcome::of(&end);
+        attempt.outcome = Some(outcome);
         let detail = details
             .reason
             .clone()
             .or_else(|| details.disconnect_reason.clone())
             .or_else(|| details.sip_status_code.map(|c| format!("SIP {c}")));
-        self.note(at, format!("attempt_{outcome}"), detail);
+        self.note(at, format!("attempt_{}", outcome.as_str()), detail);
         let after = match end {
             AttemptEnd::Completed => {
                 self.duration_s =
@@ -535,6 +582,20 @@ impl Call {
 pub const NOT_ENQUEUED: &str = "not_enqueued";
 
 impl Call {
+    /// Puts a call that has not started dialing on hold until `due` (its `not_before`, call
+    /// window or retry time); false if it is past that point or already waits for `due`.
+    pub fn schedule(&mut self, due: DateTime<Utc>, at: DateTime<Utc>) -> bool {
+        if self.status.rank(self.direction) > CallStatus::Scheduled.rank(self.direction)
+            || self.scheduled_for == Some(due)
+        {
+            return false;
+        }
+        self.status = CallStatus::Scheduled;
+        self.scheduled_for = Some(due);
+        self.note(at, "scheduled", Some(due.to_rfc3339()));
+        true
+    }
+
     /// Gives the call another id (and so its room): a retried submission adopts the id
     /// its idempotency key already claimed.
     pub fn assign_id(&mut self, id: &str) {
@@ -655,7 +716,7 @@ mod tests {
             id,
             direction,
             status: CallStatus::Queued,
-            to: "+15105550123".into(),
+            to: E164::parse("+15105550123", None).expect("valid"),
             from: None,
             trunk_id: None,
             agent_name: Some("agent".into()),

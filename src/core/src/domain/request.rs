@@ -262,8 +262,8 @@ impl CallRequest {
             id,
             direction: Direction::Outbound,
             status: CallStatus::Queued,
-            to: to.as_str().to_owned(),
-            from: from.map(|f| f.as_str().to_owned()),
+            to,
+            from,
             trunk_id: Some(trunk_id),
             agent_name,
             context,
@@ -307,9 +307,7 @@ impl CallRequest {
                     ),
                 ));
             }
-            call.status = CallStatus::Scheduled;
-            call.scheduled_for = Some(due);
-            call.note(now, "scheduled", Some(due.to_rfc3339()));
+            call.schedule(due, now);
         }
         Ok(call)
     }
@@ -362,7 +360,7 @@ mod tests {
         let call = request("(510) 555-0123")
             .into_call(&defaults(), Utc::now())
             .expect("valid");
-        assert_eq!(call.to, "+15105550123");
+        assert_eq!(call.to.as_str(), "+15105550123");
         assert_eq!(call.trunk_id.as_deref(), Some("ST_default"));
         assert_eq!(call.status, CallStatus::Queued);
         assert!(call.room_name.starts_with("cf-"));

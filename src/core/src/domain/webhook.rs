@@ -112,10 +112,78 @@ impl ParticipantRef {
     }
 }
 
+/// The kind of a LiveKit webhook event (livekit-facts.md §2); kinds this version does not
+/// know are kept by name, never refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    RoomStarted,
+    RoomFinished,
+    ParticipantJoined,
+    ParticipantLeft,
+    ParticipantConnectionAborted,
+    TrackPublished,
+    TrackUnpublished,
+    /// Any other event (egress, ingress, …), by its name.
+    Other(String),
+}
+
+impl Default for EventKind {
+    fn default() -> Self {
+        EventKind::Other(String::new())
+    }
+}
+
+impl EventKind {
+    const NAMED: [(&'static str, EventKind); 7] = [
+        ("room_started", EventKind::RoomStarted),
+        ("room_finished", EventKind::RoomFinished),
+        ("participant_joined", EventKind::ParticipantJoined),
+        ("participant_left", EventKind::ParticipantLeft),
+        (
+            "participant_connection_aborted",
+            EventKind::ParticipantConnectionAborted,
+        ),
+        ("track_published", EventKind::TrackPublished),
+        ("track_unpublished", EventKind::TrackUnpublished),
+    ];
+
+    pub fn parse(name: &str) -> Self {
+        Self::NAMED
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, kind)| kind.clone())
+            .unwrap_or_else(|| EventKind::Other(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            EventKind::Other(name) => name,
+            known => Self::NAMED
+                .iter()
+                .find(|(_, kind)| kind == known)
+                .map_or("", |(n, _)| n),
+        }
+    }
+
+    /// The participant is gone from the room.
+    pub fn is_departure(&self) -> bool {
+        matches!(
+            self,
+            EventKind::ParticipantLeft | EventKind::ParticipantConnectionAborted
+        )
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A webhook event, read tolerantly.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WebhookEvent {
-    pub event: String,
+    pub event: EventKind,
     pub id: Option<String>,
     pub created_at: Option<i64>,
     pub room: Option<RoomRef>,
@@ -143,7 +211,7 @@ impl WebhookEvent {
     pub fn parse(body: &[u8]) -> Result<Self, String> {
         let value: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
         let obj = value.as_object().ok_or("not a JSON object")?;
-        let event = text(obj.get("event")).ok_or("no event name")?;
+        let event = EventKind::parse(&text(obj.get("event")).ok_or("no event name")?);
         let room = obj.get("room").and_then(Value::as_object).map(|r| RoomRef {
             name: text(r.get("name")).unwrap_or_default(),
             sid: text(r.get("sid")).unwrap_or_default(),
@@ -271,7 +339,12 @@ mod tests {
               "state":"TELEPORTED","disconnectReason":"SOLAR_FLARE",
               "attributes":{"sip.callStatus":"hangup"},"joinedAtMs":"1755878400123"}}"#;
         let event = WebhookEvent::parse(body).expect("tolerant");
-        assert_eq!(event.event, "participant_left");
+        assert_eq!(event.event, EventKind::ParticipantLeft);
+        assert_eq!(event.event.as_str(), "participant_left");
+        assert_eq!(
+            EventKind::parse("egress_started"),
+            EventKind::Other("egress_started".into())
+        );
         assert_eq!(event.created_at, Some(1_755_878_402));
         let p = event.participant.expect("participant");
         assert_eq!(p.kind.as_deref(), Some("HOLOGRAM"));
