@@ -14,6 +14,7 @@ mod harness;
 mod lifecycle;
 mod lost_answers;
 mod outbound;
+mod readme;
 mod store_conformance;
 mod sweeper;
 mod webhooks;
