@@ -282,3 +282,60 @@ async fn delivery_limit_rabbitmq() {
     let _clean = crate::harness::CleanOnDrop(prefix.clone());
     a_message_that_keeps_coming_back_is_parked_at_the_limit(broker).await;
 }
+
+/// Defers the first delivery it sees, then is done.
+struct DeferOnce(AtomicU32);
+
+#[async_trait]
+impl Handler for DeferOnce {
+    fn queue(&self) -> WorkQueue {
+        WorkQueue::CallJobs
+    }
+    async fn handle(&self, _: &Message, _: u32) -> HandlerOutcome {
+        if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+            HandlerOutcome::Defer {
+                after: Duration::from_millis(10),
+                reason: "not yet".into(),
+            }
+        } else {
+            HandlerOutcome::Done
+        }
+    }
+}
+
+/// A delivery whose outcome cannot be settled (the broker refuses the deferral's publish)
+/// is handed back, not left unacknowledged on a live channel until it closes: it is
+/// handled again. On RabbitMQ, where a stuck delivery shows.
+#[tokio::test]
+async fn a_delivery_that_cannot_be_settled_is_handed_back() {
+    let (rabbit, prefix) = crate::harness::rabbit_broker("unsettled", 10).await;
+    let _clean = crate::harness::CleanOnDrop(prefix.clone());
+    let outage = Arc::new(crate::harness::Outage::default());
+    let broker: Arc<dyn Broker> = Arc::new(crate::harness::FlakyBroker {
+        inner: rabbit.clone(),
+        outage: outage.clone(),
+    });
+    // The worker's publishes fail from the start; the job itself arrives.
+    outage.broker_down(true);
+    rabbit
+        .publish(Message::new(WorkQueue::CallJobs, &b"job"[..]))
+        .await
+        .expect("publish");
+    let h = Arc::new(DeferOnce(AtomicU32::new(0)));
+    let stop = CancellationToken::new();
+    let runtime = WorkerRuntime::new(Arc::clone(&broker), 4, 4, 3).with_handler(h.clone());
+    let task = tokio::spawn(runtime.run(stop.clone(), Duration::from_secs(5)));
+    eventually(
+        "the delivery handed back and handled again",
+        Duration::from_secs(10),
+        || async { (h.0.load(Ordering::SeqCst) >= 2).then_some(()) },
+    )
+    .await;
+    eventually("the queue empty", Duration::from_secs(10), || async {
+        let census = broker.census().await.ok()?;
+        census.values().all(|n| *n == 0).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("join").expect("clean stop");
+}

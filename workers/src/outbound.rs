@@ -13,7 +13,7 @@ use callfleet_core::calls::{wall_time, CallJob};
 use callfleet_core::domain::metadata::snake_case_keys;
 use callfleet_core::domain::phone::E164;
 use callfleet_core::domain::sip_outcome::{ApiFailure, FailureKind};
-use callfleet_core::domain::{AttemptEnd, Call, CallStatus, EndDetails};
+use callfleet_core::domain::{AttemptEnd, Call, CallStatus, EndDetails, JobTriage};
 use callfleet_core::ports::livekit::DialRequest;
 use callfleet_core::ports::store::RateDecision;
 use callfleet_core::ports::{LiveKitError, Message, WorkQueue};
@@ -181,39 +181,19 @@ impl OutboundCallHandler {
                 reason: format!("no call {}", job.call_id),
             }));
         };
-        if call.status.is_terminal() {
-            return Err(Stop::Gone);
-        }
-        let existing = call.attempts.len() as u32;
-        if job.attempt < existing {
-            return Err(Stop::Gone);
-        }
-        if job.attempt > existing + 1 {
-            return Err(Stop::Outcome(HandlerOutcome::DeadLetter {
-                reason: format!(
-                    "job for attempt {} but the call has {existing} attempt(s)",
-                    job.attempt
-                ),
-            }));
-        }
-        let resuming = job.attempt == existing;
-        if resuming && call.current_attempt().is_some_and(|a| a.is_over()) {
-            // This attempt is settled; make sure its successor (if any) is queued.
-            deps.ensure_next_attempt(&call).await?;
-            return Err(Stop::Gone);
-        }
-        if !resuming && call.current_attempt().is_some_and(|a| !a.is_over()) {
-            // A job for the next attempt while the current one is live: a stray duplicate.
-            return Err(Stop::Gone);
-        }
-        let dial_started = resuming && call.current_attempt().is_some_and(|a| a.dial_started());
-        let now = deps.clock.now();
-
-        if !dial_started {
-            if let Some(due) = call.deferred_until(now) {
-                return self.defer_until(&call, job, due).await;
+        let dial_started = match call.triage_job(job.attempt, deps.clock.now()) {
+            JobTriage::Stale => return Err(Stop::Gone),
+            JobTriage::Corrupt(reason) => {
+                return Err(Stop::Outcome(HandlerOutcome::DeadLetter { reason }))
             }
-        }
+            JobTriage::EnsureNext => {
+                // This attempt is settled; make sure its successor (if any) is queued.
+                deps.ensure_next_attempt(&call).await?;
+                return Err(Stop::Gone);
+            }
+            JobTriage::Wait(due) => return self.defer_until(&call, job, due).await,
+            JobTriage::Run { dial_started, .. } => dial_started,
+        };
 
         let Some(trunk) = call.trunk_id.clone() else {
             return Err(Stop::Outcome(HandlerOutcome::DeadLetter {

@@ -49,6 +49,9 @@ const DEPTH_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// The delivery limit when none is configured (`CALLFLEET_DELIVERY_LIMIT`'s default).
 const DEFAULT_DELIVERY_LIMIT: u32 = 10;
 
+/// How long a delivery that could not be settled waits before it is handed back.
+const SETTLE_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
 /// Header counting broker-delayed retries of one job.
 pub const RETRY_HEADER: &str = "x-callfleet-retry";
 
@@ -321,12 +324,13 @@ async fn run_one(
                 if refusal == Refusal::DeliveryLimit {
                     handler.dead_lettered(&delivery.message, &reason).await;
                 }
-                delivery.ack().await
+                delivery.acker.ack().await
             }
             Err(e) => Err(e),
         };
         if let Err(e) = result {
-            tracing::warn!(queue = queue.as_str(), error = %e, "could not park a refused delivery; it will be redelivered");
+            tracing::warn!(queue = queue.as_str(), error = %e, "could not park a refused delivery; handing it back");
+            let _ = delivery.acker.requeue().await;
         }
         return;
     }
@@ -354,7 +358,7 @@ async fn run_one(
     metrics::counter!(m::JOBS_PROCESSED, "queue" => queue.as_str(), "outcome" => label)
         .increment(1);
     let result = match outcome {
-        HandlerOutcome::Done => delivery.ack().await,
+        HandlerOutcome::Done => delivery.acker.ack().await,
         HandlerOutcome::RetryAfter { after, reason } => {
             let retries: u32 = delivery
                 .message
@@ -379,7 +383,7 @@ async fn run_one(
                 match park(broker.as_ref(), queue, next, "retries_exhausted", &reason).await {
                     Ok(()) => {
                         handler.dead_lettered(&delivery.message, &reason).await;
-                        delivery.ack().await
+                        delivery.acker.ack().await
                     }
                     Err(e) => Err(e),
                 }
@@ -391,7 +395,7 @@ async fn run_one(
                     chrono::Utc::now() + chrono::Duration::from_std(after).unwrap_or_default(),
                 );
                 match broker.publish(next).await {
-                    Ok(()) => delivery.ack().await,
+                    Ok(()) => delivery.acker.ack().await,
                     Err(e) => Err(e),
                 }
             }
@@ -408,7 +412,7 @@ async fn run_one(
             {
                 Ok(()) => {
                     handler.dead_lettered(&delivery.message, &reason).await;
-                    delivery.ack().await
+                    delivery.acker.ack().await
                 }
                 Err(e) => Err(e),
             }
@@ -419,13 +423,19 @@ async fn run_one(
             next.deliver_at =
                 Some(chrono::Utc::now() + chrono::Duration::from_std(after).unwrap_or_default());
             match broker.publish(next).await {
-                Ok(()) => delivery.ack().await,
+                Ok(()) => delivery.acker.ack().await,
                 Err(e) => Err(e),
             }
         }
     };
     if let Err(e) = result {
-        // The delivery stays unacked and is redelivered: at-least-once, never lost.
-        tracing::warn!(queue = queue.as_str(), error = %e, "could not settle a delivery; it will be redelivered");
+        // Handed back at once: left unacknowledged on a channel that stays open, it would
+        // not come back until that channel closed (at-least-once, never lost, never stuck).
+        tracing::warn!(queue = queue.as_str(), error = %e, "could not settle a delivery; handing it back");
+        // Not at once: whatever failed (the broker refusing publishes) gets a moment.
+        tokio::time::sleep(SETTLE_RETRY_PAUSE).await;
+        if let Err(e) = delivery.acker.requeue().await {
+            tracing::warn!(queue = queue.as_str(), error = %e, "could not hand a delivery back; it returns when its channel closes");
+        }
     }
 }

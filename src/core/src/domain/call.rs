@@ -363,6 +363,60 @@ pub enum AttemptEnd {
     Error(String),
 }
 
+/// What a call-job delivery should do, decided from the call record alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobTriage {
+    /// Nothing: the call is final, or the job is for an attempt already past.
+    Stale,
+    /// The job's attempt is settled; make sure its successor's job exists.
+    EnsureNext,
+    /// A job that cannot belong to this call (an attempt number from nowhere).
+    Corrupt(String),
+    /// Not due yet: come back at this time.
+    Wait(DateTime<Utc>),
+    /// Run the attempt: `resuming` an attempt that has begun (its journal says how far),
+    /// whose dial may already be out (`dial_started`).
+    Run { resuming: bool, dial_started: bool },
+}
+
+impl Call {
+    /// Decides what a job for attempt `attempt` does with this call at `now`: the call-job
+    /// worker's first step, pure so every case is unit-tested.
+    pub fn triage_job(&self, attempt: u32, now: DateTime<Utc>) -> JobTriage {
+        if self.status.is_terminal() {
+            return JobTriage::Stale;
+        }
+        let existing = self.attempts.len() as u32;
+        if attempt < existing {
+            return JobTriage::Stale;
+        }
+        if attempt > existing + 1 {
+            return JobTriage::Corrupt(format!(
+                "job for attempt {attempt} but the call has {existing} attempt(s)"
+            ));
+        }
+        let resuming = attempt == existing;
+        let current = self.current_attempt();
+        if resuming && current.is_some_and(Attempt::is_over) {
+            return JobTriage::EnsureNext;
+        }
+        if !resuming && current.is_some_and(|a| !a.is_over()) {
+            // A job for the next attempt while the current one is live: a stray duplicate.
+            return JobTriage::Stale;
+        }
+        let dial_started = resuming && current.is_some_and(Attempt::dial_started);
+        if !dial_started {
+            if let Some(due) = self.deferred_until(now) {
+                return JobTriage::Wait(due);
+            }
+        }
+        JobTriage::Run {
+            resuming,
+            dial_started,
+        }
+    }
+}
+
 /// How an attempt ended, as the API and the metrics show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -994,5 +1048,56 @@ mod tests {
             "final calls are never stuck"
         );
         assert_eq!(call.look_at(), None);
+    }
+
+    #[test]
+    fn a_job_is_triaged_from_the_call_record_alone() {
+        let now = Utc::now();
+        let mut call = sample(Direction::Outbound);
+        assert_eq!(
+            call.triage_job(1, now),
+            JobTriage::Run {
+                resuming: false,
+                dial_started: false
+            }
+        );
+        assert!(matches!(call.triage_job(3, now), JobTriage::Corrupt(_)));
+        call.not_before = Some(now + chrono::Duration::minutes(5));
+        assert_eq!(
+            call.triage_job(1, now),
+            JobTriage::Wait(now + chrono::Duration::minutes(5))
+        );
+        call.not_before = None;
+        call.begin_attempt(now);
+        assert_eq!(
+            call.triage_job(1, now),
+            JobTriage::Run {
+                resuming: true,
+                dial_started: false
+            }
+        );
+        assert_eq!(
+            call.triage_job(2, now),
+            JobTriage::Stale,
+            "the next attempt's job while this one is live"
+        );
+        if let Some(a) = call.current_attempt_mut() {
+            a.steps.dial_started_at = Some(now);
+        }
+        // A dial that may be out is settled even outside the call window.
+        call.not_before = Some(now + chrono::Duration::minutes(5));
+        assert_eq!(
+            call.triage_job(1, now),
+            JobTriage::Run {
+                resuming: true,
+                dial_started: true
+            }
+        );
+        if let Some(a) = call.current_attempt_mut() {
+            a.ended_at = Some(now);
+        }
+        assert_eq!(call.triage_job(1, now), JobTriage::EnsureNext);
+        call.advance(CallStatus::Failed, now);
+        assert_eq!(call.triage_job(1, now), JobTriage::Stale);
     }
 }
