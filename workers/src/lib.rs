@@ -5,6 +5,7 @@ pub mod calls;
 pub mod events;
 pub mod outbound;
 pub mod runtime;
+pub mod steps;
 pub mod sweeper;
 
 pub use calls::{CallDeps, OutboundSettings};

@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use backon::{ExponentialBuilder, Retryable};
 use callfleet_core::calls::{wall_time, CallJob};
 use callfleet_core::domain::metadata::snake_case_keys;
 use callfleet_core::domain::phone::E164;
@@ -18,39 +17,12 @@ use callfleet_core::ports::livekit::DialRequest;
 use callfleet_core::ports::store::RateDecision;
 use callfleet_core::ports::{LiveKitError, Message, WorkQueue};
 use callfleet_core::telemetry::metrics as m;
-use callfleet_core::ErrorClass;
 use chrono::Utc;
 use serde_json::{json, Value};
 
 use crate::calls::{trunk_pool, CallDeps, InfraError};
+use crate::steps::{self, DispatchDecision};
 use crate::{Handler, HandlerOutcome};
-
-/// Quick jittered in-process retries for transient LiveKit errors; beyond them the job is
-/// retried through the broker with exponential backoff.
-fn quick_retries() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(1))
-        .with_max_times(3)
-        .with_jitter()
-}
-
-fn transient(e: &LiveKitError) -> bool {
-    e.class() == ErrorClass::Retryable
-}
-
-/// Transient, and LiveKit cannot have acted on it: the only failures after which a
-/// request that is not idempotent may be sent again on the spot.
-fn sent_nothing(e: &LiveKitError) -> bool {
-    transient(e) && !e.failure.maybe_processed()
-}
-
-/// How long to wait before looking again for the effect of a request whose answer was
-/// lost, `waited` after it was sent: 1 s, then half the time waited so far, at most 15 s
-/// (a few looks a minute, not hundreds), jittered.
-fn settle_backoff(waited: Duration) -> Duration {
-    jitter((waited / 2).clamp(Duration::from_secs(1), Duration::from_secs(15)))
-}
 
 /// Consumes `call_jobs`.
 pub struct OutboundCallHandler {
@@ -218,7 +190,7 @@ impl OutboundCallHandler {
             .map_err(InfraError::from)?
         else {
             return Err(Stop::Outcome(HandlerOutcome::Defer {
-                after: jitter(Duration::from_secs(2)),
+                after: steps::jitter(Duration::from_secs(2)),
                 reason: "another worker holds the call".into(),
             }));
         };
@@ -283,7 +255,7 @@ impl OutboundCallHandler {
             .map_err(InfraError::from)?
         {
             return Err(Stop::Outcome(HandlerOutcome::Defer {
-                after: jitter(Duration::from_millis(300)),
+                after: steps::jitter(Duration::from_millis(300)),
                 reason: format!("trunk {trunk} is at its concurrent-call limit"),
             }));
         }
@@ -300,7 +272,7 @@ impl OutboundCallHandler {
             RateDecision::RetryAfter(wait) => {
                 let _ = store.release_lease(&pool, &call.id).await;
                 Err(Stop::Outcome(HandlerOutcome::Defer {
-                    after: wait + jitter(Duration::from_millis(100)),
+                    after: wait + steps::jitter(Duration::from_millis(100)),
                     reason: format!("trunk {trunk} is at its calls-per-second limit"),
                 }))
             }
@@ -351,13 +323,12 @@ impl OutboundCallHandler {
         if !steps.room_created {
             let metadata = Self::room_metadata(&call);
             let empty_timeout = deps.settings.room_empty_timeout_s;
-            let created = (|| async {
-                deps.livekit
-                    .create_room(&call.room_name, &metadata, empty_timeout)
-                    .await
-            })
-            .retry(quick_retries())
-            .when(transient)
+            let created = steps::ensure_room(
+                deps.livekit.as_ref(),
+                &call.room_name,
+                &metadata,
+                empty_timeout,
+            )
             .await;
             match created {
                 Ok(room) => {
@@ -409,37 +380,28 @@ impl OutboundCallHandler {
         let started = call
             .current_attempt()
             .and_then(|a| a.steps.dispatch_started_at);
-        let listed = (|| async { deps.livekit.list_dispatch(&call.room_name).await })
-            .retry(quick_retries())
-            .when(transient)
-            .await;
-        let existing = match listed {
-            Ok(existing) => existing,
+        match steps::find_dispatch(deps.livekit.as_ref(), &call.room_name, &agent, attempt).await {
+            Ok(Some(found)) => {
+                metrics::counter!(m::DISPATCHES, "result" => "duplicate_prevented").increment(1);
+                return self.record_dispatch(&call.id, attempt, &found.id).await;
+            }
+            Ok(None) => {}
             Err(e) => {
                 return self
                     .api_failed(&call, attempt, &e)
                     .await
                     .and(Err(Stop::Gone))
             }
-        };
-        if let Some(found) = existing
-            .into_iter()
-            .find(|d| d.agent_name == agent && metadata_attempt(&d.metadata) == Some(attempt))
-        {
-            metrics::counter!(m::DISPATCHES, "result" => "duplicate_prevented").increment(1);
-            return self.record_dispatch(&call.id, attempt, &found.id).await;
         }
         let now = deps.clock.now();
-        if let Some(at) = started {
-            let waited = (now - at).to_std().unwrap_or_default();
-            if waited < deps.settings.livekit_settle {
-                return Err(Stop::Outcome(HandlerOutcome::Defer {
-                    after: settle_backoff(waited),
-                    reason: "waiting to see whether an interrupted CreateDispatch went through"
-                        .into(),
-                }));
-            }
-            // Past any request LiveKit could still be carrying out: that one never happened.
+        let sent_ago = started.map(|at| (now - at).to_std().unwrap_or_default());
+        if let DispatchDecision::LookAgain(after) =
+            steps::decide_dispatch(sent_ago, deps.settings.livekit_settle)
+        {
+            return Err(Stop::Outcome(HandlerOutcome::Defer {
+                after,
+                reason: "waiting to see whether an interrupted CreateDispatch went through".into(),
+            }));
         }
         let call = self
             .record(&call.id, attempt, |c| {
@@ -448,21 +410,15 @@ impl OutboundCallHandler {
                 }
             })
             .await?;
-        let created = (|| async {
-            deps.livekit
-                .create_dispatch(&call.room_name, &agent, &metadata)
-                .await
-        })
-        .retry(quick_retries())
-        .when(sent_nothing)
-        .await;
+        let created =
+            steps::create_dispatch(deps.livekit.as_ref(), &call.room_name, &agent, &metadata).await;
         match created {
             Ok(dispatch) => {
                 metrics::counter!(m::DISPATCHES, "result" => "done").increment(1);
                 self.record_dispatch(&call.id, attempt, &dispatch.id).await
             }
             Err(e) if e.failure.maybe_processed() => Err(Stop::Outcome(HandlerOutcome::Defer {
-                after: settle_backoff(Duration::ZERO),
+                after: steps::settle_backoff(Duration::ZERO),
                 reason: format!(
                     "CreateDispatch: {}; settling it from LiveKit's state",
                     describe(&e.failure)
@@ -530,15 +486,9 @@ impl OutboundCallHandler {
     async fn dial(&self, call: &Call, attempt: u32) -> Result<(), Stop> {
         let deps = &self.deps;
         let request = self.dial_request(call, attempt);
-        let result = (|| {
-            let request = request.clone();
-            async move {
-                metrics::counter!(m::DIALS, "result" => "sent").increment(1);
-                deps.livekit.create_sip_participant(request).await
-            }
+        let result = steps::dial(deps.livekit.as_ref(), &request, || {
+            metrics::counter!(m::DIALS, "result" => "sent").increment(1);
         })
-        .retry(quick_retries())
-        .when(sent_nothing)
         .await;
         match result {
             Ok(info) => self.dialed(call, attempt, Dialed::Created(info)).await,
@@ -568,7 +518,7 @@ impl OutboundCallHandler {
                     // The journal keeps dial_started_at: the next delivery reconciles.
                     metrics::counter!(m::DIALS, "result" => "answer_lost").increment(1);
                     Err(Stop::Outcome(HandlerOutcome::Defer {
-                        after: settle_backoff(Duration::ZERO),
+                        after: steps::settle_backoff(Duration::ZERO),
                         reason: format!(
                             "CreateSIPParticipant: {}; settling it from LiveKit's state",
                             describe(&e.failure)
@@ -658,14 +608,8 @@ impl OutboundCallHandler {
     async fn reconcile_dial(&self, call: &Call, attempt: u32) -> Result<(), Stop> {
         let deps = &self.deps;
         let identity = callfleet_core::domain::participant_identity(&call.id, attempt);
-        let found = (|| async {
-            deps.livekit
-                .get_participant(&call.room_name, &identity)
-                .await
-        })
-        .retry(quick_retries())
-        .when(transient)
-        .await;
+        let found =
+            steps::find_participant(deps.livekit.as_ref(), &call.room_name, &identity).await;
         match found {
             Ok(Some(p)) => self.dialed(call, attempt, Dialed::Found(Box::new(p))).await,
             Ok(None) => {
@@ -712,7 +656,7 @@ impl OutboundCallHandler {
                     .max(deps.settings.livekit_settle + ringing);
                 if waited < grace {
                     return Err(Stop::Outcome(HandlerOutcome::Defer {
-                        after: settle_backoff(waited),
+                        after: steps::settle_backoff(waited),
                         reason: "waiting for evidence of an interrupted dial".into(),
                     }));
                 }
@@ -734,7 +678,7 @@ impl OutboundCallHandler {
 
     /// A room or dispatch step failed: transient → broker retry; permanent → fail the call.
     async fn api_failed(&self, call: &Call, attempt: u32, e: &LiveKitError) -> Result<(), Stop> {
-        if transient(e) {
+        if steps::transient(e) {
             Err(Stop::Outcome(HandlerOutcome::RetryAfter {
                 after: Duration::from_secs(1),
                 reason: format!("{}: {}", e.method, describe(&e.failure)),
@@ -748,15 +692,6 @@ impl OutboundCallHandler {
 enum Dialed {
     Created(livekit_protocol::SipParticipantInfo),
     Found(Box<livekit_protocol::ParticipantInfo>),
-}
-
-/// The `attempt` a dispatch's metadata names (dispatches from our own earlier tries).
-fn metadata_attempt(metadata: &str) -> Option<u32> {
-    serde_json::from_str::<Value>(metadata)
-        .ok()?
-        .get("attempt")?
-        .as_u64()
-        .map(|n| n as u32)
 }
 
 fn describe(failure: &ApiFailure) -> String {
@@ -778,11 +713,6 @@ fn describe(failure: &ApiFailure) -> String {
             None => format!("{code}: {msg}"),
         },
     }
-}
-
-/// `base` ± 50 %, so deferred jobs do not come back in lockstep.
-fn jitter(base: Duration) -> Duration {
-    base.mul_f64(0.5 + rand::random::<f64>())
 }
 
 #[async_trait]
@@ -844,22 +774,6 @@ mod tests {
         assert_eq!(meta["invoice_info"]["amount_due"], 12);
         assert_eq!(meta["call_id"], "call_1", "call fields win over context");
         assert_eq!(meta["attempt"], 2);
-        assert_eq!(metadata_attempt(&meta.to_string()), Some(2));
-    }
-
-    #[test]
-    fn settling_looks_back_off_to_a_few_a_minute() {
-        let looks = |waited_s: u64| settle_backoff(Duration::from_secs(waited_s));
-        assert!(looks(0) >= Duration::from_millis(500) && looks(0) <= Duration::from_millis(1_500));
-        assert!(looks(20) >= Duration::from_secs(5));
-        assert!(looks(600) <= Duration::from_millis(22_500));
-    }
-
-    #[test]
-    fn jitter_stays_within_half() {
-        for _ in 0..100 {
-            let d = jitter(Duration::from_secs(2));
-            assert!(d >= Duration::from_secs(1) && d <= Duration::from_secs(3));
-        }
+        assert_eq!(steps::metadata_attempt(&meta.to_string()), Some(2));
     }
 }

@@ -227,7 +227,8 @@ pub async fn create_call(
         Accepted::New(call, json, message) => match state.broker.publish(message).await {
             Ok(()) => {
                 metrics::counter!(m::JOBS_ENQUEUED, "queue" => "call_jobs").increment(1);
-                tracing::info!(call_id = %call_id, "call accepted");
+                // Per call on the hot path: debug, not info (the request span names it).
+                tracing::debug!(call_id = %call_id, "call accepted");
                 Ok((
                     StatusCode::ACCEPTED,
                     [(header::CONTENT_TYPE, "application/json")],
