@@ -159,6 +159,14 @@ fn spawn_worker(fleet: &TestFleet, prefix: &str, n: usize) -> Child {
         .expect("start a worker process")
 }
 
+/// SIGKILLs the next worker in turn and starts a new one in its place.
+async fn kill_and_restart(fleet: &TestFleet, prefix: &str, workers: &mut [Child], kills: usize) {
+    let victim = kills % workers.len();
+    let _ = workers[victim].start_kill();
+    let _ = workers[victim].wait().await;
+    workers[victim] = spawn_worker(fleet, prefix, victim);
+}
+
 fn restart_redis(port: u16, dir: &str) {
     let _ = std::process::Command::new("redis-cli")
         .args(["-p", &port.to_string(), "shutdown"])
@@ -305,10 +313,7 @@ async fn run(settings: Settings) {
         calls.push((id, kind.name));
 
         if last_kill.elapsed() >= settings.kill_every {
-            let victim = kills % workers.len();
-            let _ = workers[victim].start_kill();
-            let _ = workers[victim].wait().await;
-            workers[victim] = spawn_worker(&fleet, &prefix, victim);
+            kill_and_restart(&fleet, &prefix, &mut workers, kills).await;
             kills += 1;
             last_kill = Instant::now();
         }
@@ -345,10 +350,7 @@ async fn run(settings: Settings) {
             fault_phase = false;
         }
         if fault_phase && last_kill.elapsed() >= settings.kill_every {
-            let victim = kills % workers.len();
-            let _ = workers[victim].start_kill();
-            let _ = workers[victim].wait().await;
-            workers[victim] = spawn_worker(&fleet, &prefix, victim);
+            kill_and_restart(&fleet, &prefix, &mut workers, kills).await;
             kills += 1;
             last_kill = Instant::now();
         }
