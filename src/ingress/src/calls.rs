@@ -420,7 +420,10 @@ pub async fn list_calls(
         .map(|s| {
             CallStatus::parse(s).ok_or_else(|| ApiError::Invalid {
                 field: "status".into(),
-                message: format!("unknown status {s:?}"),
+                message: format!(
+                    "is not a status; use one of {}",
+                    CallStatus::ALL.map(CallStatus::as_str).join(", ")
+                ),
             })
         })
         .transpose()?;
@@ -428,10 +431,10 @@ pub async fn list_calls(
         None => None,
         Some("outbound") => Some(Direction::Outbound),
         Some("inbound") => Some(Direction::Inbound),
-        Some(other) => {
+        Some(_) => {
             return Err(ApiError::Invalid {
                 field: "direction".into(),
-                message: format!("must be inbound or outbound, got {other:?}"),
+                message: "must be inbound or outbound".into(),
             })
         }
     };

@@ -199,3 +199,84 @@ async fn track_requests(request: Request, next: Next) -> Response {
         .record(started.elapsed().as_secs_f64());
     response
 }
+
+#[cfg(test)]
+mod fuzz {
+    use callfleet_core::domain::phone::parse_region;
+    use callfleet_core::domain::request::{CallDefaults, CallRequest};
+    use proptest::prelude::*;
+
+    use super::parse_json;
+
+    fn defaults() -> CallDefaults {
+        CallDefaults {
+            region: parse_region("US").ok(),
+            trunk_id: Some("ST_x".into()),
+        }
+    }
+
+    /// JSON values shaped like call requests: the known fields with values of any type,
+    /// nested a little, plus strays.
+    fn request_like() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(|f| serde_json::json!(f)),
+            "\\PC{0,24}".prop_map(serde_json::Value::from),
+            "[+]?[0-9 ()-]{0,16}".prop_map(serde_json::Value::from),
+        ];
+        let value = leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        });
+        let field = prop_oneof![
+            Just("to"),
+            Just("from"),
+            Just("trunk_id"),
+            Just("agent_name"),
+            Just("context"),
+            Just("idempotency_key"),
+            Just("not_before"),
+            Just("call_window"),
+            Just("max_attempts"),
+            Just("retry_on"),
+            Just("retry_delay_s"),
+            Just("ringing_timeout_s"),
+            Just("max_duration_s"),
+            Just("wait_until_answered"),
+            Just("tags"),
+            Just("stray"),
+        ];
+        prop::collection::btree_map(field, value, 0..8).prop_map(|m| {
+            serde_json::Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        /// Any bytes: an answer (a request or a 4xx naming a field), never a panic.
+        #[test]
+        fn any_body_is_answered(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_json::<CallRequest>(&body);
+        }
+
+        /// Request-shaped JSON: parsed or refused with a field named, and a parsed one is
+        /// turned into a call or refused, never a panic.
+        #[test]
+        fn request_shaped_json_is_validated(value in request_like()) {
+            let body = serde_json::to_vec(&value).unwrap_or_default();
+            match parse_json::<CallRequest>(&body) {
+                Ok(request) => {
+                    let _ = request.into_call(&defaults(), chrono::Utc::now());
+                }
+                Err(super::ApiError::Invalid { field, .. }) => prop_assert!(!field.is_empty()),
+                Err(other) => prop_assert!(false, "unexpected {other:?}"),
+            }
+        }
+    }
+}

@@ -367,4 +367,23 @@ mod tests {
         );
         assert_eq!(outcome_from_disconnect(None), SipOutcome::Failed);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+        /// Whatever arrives in a (verified) webhook body, reading it answers, never panics.
+        #[test]
+        fn any_webhook_body_is_read_or_refused(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            event in "\\PC{0,20}",
+            identity in "\\PC{0,20}",
+        ) {
+            let _ = WebhookEvent::parse(&body);
+            let shaped = serde_json::json!({
+                "event": event, "id": identity, "createdAt": "x",
+                "room": {"name": identity, "sid": 5},
+                "participant": {"identity": identity, "attributes": {"sip.callStatus": event}, "joinedAt": "12"}
+            });
+            let _ = WebhookEvent::parse(shaped.to_string().as_bytes());
+        }
+    }
 }

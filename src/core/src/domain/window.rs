@@ -22,11 +22,13 @@ pub struct CallWindow {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WindowError {
-    #[error("timezone {0:?} is not an IANA time zone")]
+    // The messages name what is expected and never echo the input back (it could hold
+    // anything, and Rust's debug quoting of it means nothing to a client).
+    #[error("is not an IANA time zone such as America/New_York")]
     Timezone(String),
-    #[error("{field} {value:?} is not a HH:MM time")]
+    #[error("is not a local time written HH:MM, such as 09:00")]
     Time { field: &'static str, value: String },
-    #[error("days: {0:?} is not a day (mon..sun)")]
+    #[error("may hold only mon, tue, wed, thu, fri, sat and sun")]
     Day(String),
     #[error("start and end are equal")]
     Empty,
