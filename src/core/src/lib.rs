@@ -11,6 +11,7 @@ pub mod domain;
 pub mod error;
 pub mod lifecycle;
 pub mod ports;
+pub mod routing;
 pub mod telemetry;
 
 pub use error::ErrorClass;

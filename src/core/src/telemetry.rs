@@ -26,6 +26,17 @@ pub mod metrics {
     pub const CALL_SETUP_SECONDS: &str = "callfleet_call_setup_seconds";
     pub const ACTIVE_CALLS: &str = "callfleet_active_calls";
     pub const ROUTING_DECISIONS: &str = "callfleet_routing_decisions_total";
+    pub const ROUTING_RESOLVE_SECONDS: &str = "callfleet_routing_resolve_duration_seconds";
+    pub const ROUTING_PROFILES: &str = "callfleet_routing_profiles";
+    pub const ROUTING_TABLE_VERSION: &str = "callfleet_routing_table_version";
+    pub const ROUTING_REFRESH_FAILURES: &str = "callfleet_routing_refresh_failures_total";
+    /// Inbound calls holding a slot, per profile (profiles with calls only).
+    pub const PROFILE_CALLS_IN_PROGRESS: &str = "callfleet_profile_calls_in_progress";
+    /// Inbound: webhook received at the ingress → CreateDispatch sent.
+    pub const INBOUND_DISPATCH_SECONDS: &str = "callfleet_inbound_webhook_to_dispatch_seconds";
+    /// Inbound: dispatch → agent participant joined.
+    pub const AGENT_JOIN_SECONDS: &str = "callfleet_agent_join_seconds";
+    pub const INBOUND_CALLS: &str = "callfleet_inbound_calls_total";
     pub const INFLIGHT_JOBS: &str = "callfleet_inflight_jobs";
     /// Messages that arrived on a queue they were not published for (a routing bug).
     pub const MISROUTED: &str = "callfleet_misrouted_messages_total";

@@ -2,8 +2,10 @@
 
 pub mod livekit;
 pub mod memory_broker;
+pub mod memory_routing;
 pub mod memory_store;
 pub mod rabbitmq;
+pub mod redis_routing;
 pub mod redis_store;
 
 use std::sync::Arc;
@@ -11,12 +13,14 @@ use std::sync::Arc;
 use secrecy::ExposeSecret;
 
 use crate::config::{BackendConfig, BrokerKind, StoreKind};
-use crate::ports::{Broker, BrokerError, Store, StoreError};
+use crate::ports::{Broker, BrokerError, RoutingStore, Store, StoreError};
 
 pub use livekit::LiveKitApi;
 pub use memory_broker::MemoryBroker;
+pub use memory_routing::MemoryRouting;
 pub use memory_store::MemoryStore;
 pub use rabbitmq::{RabbitBroker, RabbitConfig};
+pub use redis_routing::RedisRouting;
 pub use redis_store::RedisStore;
 
 /// The broker and store a process runs on.
@@ -24,6 +28,8 @@ pub use redis_store::RedisStore;
 pub struct Backends {
     pub broker: Arc<dyn Broker>,
     pub store: Arc<dyn Store>,
+    /// Routing profiles and their slots (beside the store, on the same server).
+    pub routing: Arc<dyn RoutingStore>,
     /// Deliveries of one message before it is parked (the broker's limit).
     pub delivery_limit: u32,
 }
@@ -79,10 +85,10 @@ impl Backends {
                 })?,
             ),
         };
-        let store: Arc<dyn Store> = match store {
-            StoreKind::Memory => Arc::new(MemoryStore::new()),
-            StoreKind::Redis => Arc::new(
-                RedisStore::connect(
+        let (store, routing): (Arc<dyn Store>, Arc<dyn RoutingStore>) = match store {
+            StoreKind::Memory => (Arc::new(MemoryStore::new()), Arc::new(MemoryRouting::new())),
+            StoreKind::Redis => {
+                let redis = RedisStore::connect(
                     config.redis_url.expose_secret(),
                     &config.key_prefix,
                     config.io_timeout(),
@@ -91,12 +97,15 @@ impl Backends {
                 .map_err(|source| BackendError::Store {
                     at: endpoint(config.redis_url.expose_secret()),
                     source,
-                })?,
-            ),
+                })?;
+                let routing = redis.routing();
+                (Arc::new(redis), Arc::new(routing))
+            }
         };
         Ok(Self {
             broker,
             store,
+            routing,
             delivery_limit: config.delivery_limit,
         })
     }

@@ -96,7 +96,7 @@ impl Scripts {
     }
 }
 
-fn err(e: redis::RedisError) -> StoreError {
+pub(crate) fn err(e: redis::RedisError) -> StoreError {
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
         StoreError::Unavailable(e.to_string())
     } else {
@@ -127,6 +127,11 @@ impl RedisStore {
             prefix: prefix.to_owned(),
             scripts: std::sync::Arc::new(Scripts::new()),
         })
+    }
+
+    /// The routing adapter on this store's connection and key prefix.
+    pub fn routing(&self) -> super::RedisRouting {
+        super::RedisRouting::new(self.conn.clone(), &self.prefix)
     }
 
     fn key(&self, kind: &str, name: &str) -> String {

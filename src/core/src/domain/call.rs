@@ -4,7 +4,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::inbound::InboundLeg;
 use super::phone::E164;
+use super::routing::RoutingRecord;
 use super::sip_outcome::SipOutcome;
 use super::window::CallWindow;
 
@@ -32,10 +34,12 @@ pub enum CallStatus {
     Busy,
     NoAnswer,
     Canceled,
+    /// Inbound: no profile could take the call.
+    Unrouted,
 }
 
 impl CallStatus {
-    pub const ALL: [CallStatus; 11] = [
+    pub const ALL: [CallStatus; 12] = [
         CallStatus::Queued,
         CallStatus::Scheduled,
         CallStatus::Dialing,
@@ -47,6 +51,7 @@ impl CallStatus {
         CallStatus::Busy,
         CallStatus::NoAnswer,
         CallStatus::Canceled,
+        CallStatus::Unrouted,
     ];
 
     pub fn is_terminal(self) -> bool {
@@ -57,6 +62,7 @@ impl CallStatus {
                 | CallStatus::Busy
                 | CallStatus::NoAnswer
                 | CallStatus::Canceled
+                | CallStatus::Unrouted
         )
     }
 
@@ -88,6 +94,7 @@ impl CallStatus {
             CallStatus::Busy => "busy",
             CallStatus::NoAnswer => "no_answer",
             CallStatus::Canceled => "canceled",
+            CallStatus::Unrouted => "unrouted",
         }
     }
 
@@ -249,6 +256,12 @@ pub struct Call {
     pub end_reason: Option<String>,
     #[serde(default)]
     pub timeline: Vec<TimelineEntry>,
+    /// Inbound calls: the caller's leg as LiveKit reported it, and the agent dispatches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<InboundLeg>,
+    /// Inbound calls: which profile took the call, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingRecord>,
 }
 
 /// Generates a call id: time-ordered (UUIDv7) so ids sort by creation.
@@ -718,9 +731,10 @@ impl Stuck {
 impl Call {
     /// When this call is next due to move: its due time, or its last change. The sweeper
     /// looks at it once it has been quiet for a while past that. `None` once it is final
-    /// (and for inbound calls, which have no jobs to repair yet).
+    /// An inbound call is looked at while it lasts: its job resumes an interrupted
+    /// dispatch and asks LiveKit whether a caller no event said goodbye for is still there.
     pub fn look_at(&self) -> Option<DateTime<Utc>> {
-        if self.status.is_terminal() || self.direction != Direction::Outbound {
+        if self.status.is_terminal() {
             return None;
         }
         Some(
@@ -734,6 +748,9 @@ impl Call {
     /// due time (a dial waiting for its answer gets its ringing time on top).
     pub fn stuck(&self, now: DateTime<Utc>, quiet: chrono::Duration) -> Option<Stuck> {
         let since = self.look_at()? + quiet;
+        if self.direction == Direction::Inbound {
+            return (now >= since).then_some(Stuck::ResumeAttempt(1));
+        }
         let attempt = self.current_attempt();
         let ringing = match attempt {
             Some(a)
@@ -792,6 +809,8 @@ mod tests {
             duration_s: None,
             end_reason: None,
             timeline: vec![],
+            inbound: None,
+            routing: None,
         }
     }
 

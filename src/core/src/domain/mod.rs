@@ -2,9 +2,11 @@
 
 pub mod call;
 pub mod delay;
+pub mod inbound;
 pub mod metadata;
 pub mod phone;
 pub mod request;
+pub mod routing;
 pub mod sip_outcome;
 pub mod webhook;
 pub mod window;

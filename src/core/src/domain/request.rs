@@ -83,7 +83,7 @@ pub struct FieldError {
     pub message: String,
 }
 
-fn bad(field: &str, message: impl Into<String>) -> FieldError {
+pub(crate) fn bad(field: &str, message: impl Into<String>) -> FieldError {
     FieldError {
         field: field.to_owned(),
         message: message.into(),
@@ -91,7 +91,7 @@ fn bad(field: &str, message: impl Into<String>) -> FieldError {
 }
 
 /// Identifiers we pass to LiveKit or use as labels: printable, no spaces.
-fn check_token(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
+pub(crate) fn check_token(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
     if value.is_empty() || value.len() > max {
         return Err(bad(field, format!("must be 1 to {max} characters")));
     }
@@ -288,6 +288,8 @@ impl CallRequest {
             duration_s: None,
             end_reason: None,
             timeline: vec![],
+            inbound: None,
+            routing: None,
         };
         call.note(now, "accepted", None);
         if let Some(due) = call.deferred_until(now) {

@@ -94,8 +94,16 @@ pub struct ParticipantRef {
 }
 
 impl ParticipantRef {
+    /// A SIP participant: kind `SIP` (protojson) or `3` (the enum's number, which some
+    /// encoders write), or `sip.*` attributes when the kind is missing.
     pub fn is_sip(&self) -> bool {
-        self.kind.as_deref() == Some("SIP") || self.attributes.contains_key("sip.callID")
+        matches!(self.kind.as_deref(), Some("SIP") | Some("3"))
+            || self.attributes.keys().any(|k| k.starts_with("sip."))
+    }
+
+    /// An agent participant: kind `AGENT` or `4`.
+    pub fn is_agent(&self) -> bool {
+        matches!(self.kind.as_deref(), Some("AGENT") | Some("4"))
     }
 
     pub fn sip_call_status(&self) -> Option<&str> {
@@ -222,7 +230,9 @@ impl WebhookEvent {
                 .map(|p| ParticipantRef {
                     identity: text(p.get("identity")).unwrap_or_default(),
                     sid: text(p.get("sid")).unwrap_or_default(),
-                    kind: text(p.get("kind")),
+                    // protojson writes the enum's name; some encoders its number.
+                    kind: text(p.get("kind"))
+                        .or_else(|| p.get("kind").and_then(Value::as_i64).map(|n| n.to_string())),
                     attributes: p
                         .get("attributes")
                         .and_then(Value::as_object)

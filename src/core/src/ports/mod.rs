@@ -4,8 +4,10 @@
 
 pub mod broker;
 pub mod livekit;
+pub mod routing;
 pub mod store;
 
 pub use broker::{Broker, BrokerError, DeadLetter, Delivery, Message, Subscription, WorkQueue};
 pub use livekit::{LiveKit, LiveKitError};
+pub use routing::{ProfileChanges, RoutingStore};
 pub use store::{Store, StoreError};
