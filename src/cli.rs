@@ -9,13 +9,15 @@ use callfleet::fleet::{self, IngressSettings, WorkerSettings};
 use callfleet_core::adapters::{Backends, LiveKitApi, RabbitBroker, RabbitConfig};
 use callfleet_core::calls::SystemClock;
 use callfleet_core::config::{
-    parse_key_pairs, BackendConfig, BrokerKind, IngressConfig, LiveKitConfig, LogConfig, StoreKind,
-    WorkerConfig,
+    parse_key_pairs, BackendConfig, BrokerKind, IngressConfig, LiveKitConfig, LogConfig,
+    RoutingConfig, StoreKind, WorkerConfig,
 };
 use callfleet_core::domain::phone::parse_region;
 use callfleet_core::domain::request::CallDefaults;
+use callfleet_core::domain::routing::{Profile, ProfileInput};
 use callfleet_core::lifecycle::{cancel_on_signal, health_router};
 use callfleet_core::ports::{Broker, WorkQueue};
+use callfleet_core::routing::RoutingCache;
 use callfleet_core::telemetry;
 use clap::{Parser, Subcommand};
 use livekit_emulator::{Emulator, EmulatorConfig};
@@ -48,6 +50,8 @@ enum Command {
         ingress: IngressConfig,
         #[command(flatten)]
         worker: WorkerConfig,
+        #[command(flatten)]
+        routing: RoutingConfig,
         /// Address of the embedded LiveKit emulator.
         #[arg(
             long,
@@ -65,6 +69,8 @@ enum Command {
         livekit: LiveKitConfig,
         #[command(flatten)]
         ingress: IngressConfig,
+        #[command(flatten)]
+        routing: RoutingConfig,
     },
     /// A worker process (RabbitMQ + Redis by default).
     Worker {
@@ -74,6 +80,8 @@ enum Command {
         livekit: LiveKitConfig,
         #[command(flatten)]
         worker: WorkerConfig,
+        #[command(flatten)]
+        routing: RoutingConfig,
     },
     /// The LiveKit API emulator on its own.
     Emulator {
@@ -186,6 +194,11 @@ async fn dead_letters(backend: &BackendConfig, action: DeadLetterAction) -> Resu
     Ok(())
 }
 
+/// The routing profile dev mode creates, and the number it serves (the emulator's
+/// default inbound number).
+const DEV_PROFILE: &str = "dev-default";
+const DEV_NUMBER: &str = "+15105550100";
+
 /// The trunk dev mode dials through when none is configured (the emulator takes any).
 const DEV_TRUNK: &str = "ST_callfleet_dev";
 
@@ -227,6 +240,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             backend,
             livekit,
             ingress,
+            routing,
         } => {
             livekit.validate()?;
             ingress.validate(true)?;
@@ -237,7 +251,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             )
             .await?;
             cancel_on_signal(stop.clone());
-            let server = start_ingress(&backends, &ingress, &livekit, stop.clone()).await?;
+            let table = routing_table(&backends, &routing, stop.clone()).await?;
+            let server = start_ingress(&backends, table, &ingress, &livekit, stop.clone()).await?;
             tracing::info!(addr = %ingress.http_addr, "ingress listening");
             let _ = server.await;
             Ok(())
@@ -246,6 +261,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             backend,
             livekit,
             worker,
+            routing,
         } => {
             livekit.validate()?;
             worker.validate()?;
@@ -269,7 +285,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             .await?;
             tracing::info!(addr = %worker.worker_http_addr, "worker health and metrics listening");
             let settings = WorkerSettings::from_config(&worker, api.timeout());
-            fleet::worker(&backends, api, Arc::new(SystemClock), &settings)
+            let table = routing_table(&backends, &routing, stop.clone()).await?;
+            fleet::worker(&backends, table, api, Arc::new(SystemClock), &settings)
                 .run(stop.clone(), worker.shutdown_deadline())
                 .await?;
             let _ = health.await;
@@ -281,6 +298,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             mut livekit,
             mut ingress,
             worker,
+            mut routing,
             emulator_addr,
         } => {
             livekit.validate()?;
@@ -322,9 +340,19 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
             };
             let api = livekit_client(&livekit_url, &livekit);
-            let server = start_ingress(&backends, &ingress, &livekit, stop.clone()).await?;
+            let dev_profile = seed_dev_profile(&backends, &mut routing).await?;
+            let table = routing_table(&backends, &routing, stop.clone()).await?;
+            let server = start_ingress(
+                &backends,
+                Arc::clone(&table),
+                &ingress,
+                &livekit,
+                stop.clone(),
+            )
+            .await?;
             let settings = WorkerSettings::from_config(&worker, api.timeout());
-            let fleet_worker = fleet::worker(&backends, api, Arc::new(SystemClock), &settings);
+            let fleet_worker =
+                fleet::worker(&backends, table, api, Arc::new(SystemClock), &settings);
             let worker_stop = stop.clone();
             let deadline = worker.shutdown_deadline();
             let workers =
@@ -360,6 +388,19 @@ pub async fn run(cli: Cli) -> Result<()> {
                 "  curl -s -X POST {base}/v1/calls -H \"authorization: Bearer {key}\" -H 'content-type: application/json' -d '{{\"to\":\"+15105550123\",\"agent_name\":\"reminder-agent\",\"context\":{{\"customerName\":\"Ada\",\"amountDue\":\"42.00\"}}}}'"
             );
             println!("  curl -s {base}/v1/calls -H \"authorization: Bearer {key}\"   # then GET /v1/calls/<id>");
+            if let Some(p) = &dev_profile {
+                println!(
+                    "Inbound: profile {} routes {} to agent {}; place a call with",
+                    p.id, DEV_NUMBER, p.agent_name
+                );
+            }
+            if let Some(e) = &emulator {
+                println!(
+                    "  curl -s -X POST {}/emulator/v1/inbound -H 'content-type: application/json' -d '{{\"from\":\"+15105550123\",\"to\":\"{DEV_NUMBER}\"}}'",
+                    e.url()
+                );
+                println!("  curl -s '{base}/v1/calls?direction=inbound' -H \"authorization: Bearer {key}\"");
+            }
             println!("Press Ctrl-C to stop.");
 
             let _ = server.await;
@@ -377,14 +418,59 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The routing table for this process, kept current until `stop`.
+async fn routing_table(
+    backends: &Backends,
+    routing: &RoutingConfig,
+    stop: CancellationToken,
+) -> Result<Arc<RoutingCache>> {
+    fleet::routing(backends, routing.default_profile.clone(), stop)
+        .await
+        .context("loading the routing table")
+}
+
+/// The profile dev mode routes inbound calls to when the table has none: the emulator's
+/// default number to the default agent. Returns it when it was created.
+async fn seed_dev_profile(
+    backends: &Backends,
+    routing: &mut RoutingConfig,
+) -> Result<Option<Profile>> {
+    let store = &backends.routing;
+    if store.version().await? > 0 {
+        return Ok(None);
+    }
+    let input: ProfileInput = serde_json::from_value(serde_json::json!({
+        "id": DEV_PROFILE,
+        "name": "Dev default agent",
+        "agent_name": "callfleet-agent",
+        "numbers": [DEV_NUMBER],
+        "metadata": {"greeting": "Hello from callfleet dev mode"},
+    }))?;
+    let profile = input
+        .into_profile(
+            None,
+            None,
+            None,
+            callfleet_core::calls::Clock::now(&SystemClock),
+        )
+        .map_err(|e| anyhow::anyhow!("dev profile: {e}"))?;
+    store.put(&profile).await?;
+    routing
+        .default_profile
+        .get_or_insert_with(|| DEV_PROFILE.to_owned());
+    Ok(Some(profile))
+}
+
 async fn start_ingress(
     backends: &Backends,
+    routing: Arc<RoutingCache>,
     ingress: &IngressConfig,
     livekit: &LiveKitConfig,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let state = fleet::ingress(
         backends,
+        routing,
         Arc::new(SystemClock),
         IngressSettings {
             max_body_bytes: ingress.max_body_bytes,

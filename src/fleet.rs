@@ -11,10 +11,11 @@ use callfleet_core::config::WorkerConfig;
 use callfleet_core::domain::request::CallDefaults;
 use callfleet_core::lifecycle::Readiness;
 use callfleet_core::ports::LiveKit;
+use callfleet_core::routing::RoutingCache;
 use callfleet_ingress::IngressState;
 use callfleet_workers::{
-    CallDeps, OutboundCallHandler, OutboundSettings, SweepSettings, Sweeper, WebhookEventHandler,
-    WorkerRuntime,
+    CallDeps, Inbound, InboundSettings, OutboundCallHandler, OutboundSettings, SweepSettings,
+    Sweeper, WebhookEventHandler, WorkerRuntime,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -34,6 +35,18 @@ pub fn readiness(backends: &Backends) -> Readiness {
     }
 }
 
+/// The routing table this process holds, loaded from the backends' routing store and
+/// kept current until `stop` (every instance sees a change within a second).
+pub async fn routing(
+    backends: &Backends,
+    default_profile: Option<String>,
+    stop: CancellationToken,
+) -> Result<Arc<RoutingCache>, callfleet_core::ports::StoreError> {
+    let cache = RoutingCache::load(Arc::clone(&backends.routing), default_profile).await?;
+    cache.spawn_refresher(callfleet_core::routing::REFRESH_EVERY, stop);
+    Ok(cache)
+}
+
 /// What the ingress is configured with.
 pub struct IngressSettings {
     pub max_body_bytes: usize,
@@ -47,10 +60,12 @@ pub struct IngressSettings {
 /// The ingress's state (serve it with `callfleet_ingress::app`).
 pub fn ingress(
     backends: &Backends,
+    routing: Arc<RoutingCache>,
     clock: Arc<dyn Clock>,
     settings: IngressSettings,
 ) -> IngressState {
     IngressState {
+        routing,
         readiness: readiness(backends),
         max_body_bytes: settings.max_body_bytes,
         broker: Arc::clone(&backends.broker),
@@ -66,6 +81,7 @@ pub fn ingress(
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     pub outbound: OutboundSettings,
+    pub inbound: InboundSettings,
     pub sweep: SweepSettings,
     pub prefetch: u16,
     pub concurrency: usize,
@@ -87,6 +103,11 @@ impl WorkerSettings {
                 livekit_settle: livekit_timeout + Duration::from_secs(5),
                 dial_evidence_grace: Duration::from_secs(worker.dial_evidence_grace_s.max(1)),
                 ..OutboundSettings::default()
+            },
+            inbound: InboundSettings {
+                unrouted: worker.unrouted,
+                delete_room_after: worker.inbound_delete_room,
+                ..InboundSettings::default()
             },
             sweep: SweepSettings {
                 every: Duration::from_secs(worker.sweep_interval_s.max(1)),
@@ -123,6 +144,7 @@ impl Worker {
 /// A worker on `backends`, talking to LiveKit through `livekit`.
 pub fn worker(
     backends: &Backends,
+    routing: Arc<RoutingCache>,
     livekit: Arc<dyn LiveKit>,
     clock: Arc<dyn Clock>,
     settings: &WorkerSettings,
@@ -134,6 +156,11 @@ pub fn worker(
         clock,
         settings: settings.outbound.clone(),
     };
+    let inbound = Arc::new(Inbound::new(
+        deps.clone(),
+        routing,
+        settings.inbound.clone(),
+    ));
     let runtime = WorkerRuntime::new(
         Arc::clone(&backends.broker),
         settings.prefetch,
@@ -141,8 +168,12 @@ pub fn worker(
         settings.max_job_attempts,
     )
     .with_delivery_limit(backends.delivery_limit)
-    .with_handler(Arc::new(OutboundCallHandler::new(deps.clone())))
-    .with_handler(Arc::new(WebhookEventHandler::new(deps.clone())));
+    .with_handler(Arc::new(
+        OutboundCallHandler::new(deps.clone()).with_inbound(Arc::clone(&inbound)),
+    ))
+    .with_handler(Arc::new(
+        WebhookEventHandler::new(deps.clone()).with_inbound(inbound),
+    ));
     Worker {
         runtime,
         sweeper: Sweeper::new(deps, settings.sweep.clone()),

@@ -91,7 +91,7 @@ async fn worker_killed_mid_dial_never_dials_twice() {
     );
 
     fleet.emulator.set_faults(Faults::default());
-    fleet.spawn_worker();
+    fleet.spawn_worker().await;
     let call = fleet
         .wait_for(&id, "completed", Duration::from_secs(60))
         .await;
@@ -136,7 +136,7 @@ async fn a_worker_killed_after_marking_a_webhook_seen_loses_no_event() {
         .emulator
         .script(number, crate::harness::script(Outcome::Answer, Some(300)));
     outage.hang_after("first_seen");
-    let first = fleet.spawn_worker();
+    let first = fleet.spawn_worker().await;
     let id = fleet.submit(json!({"to": number})).await;
     // Every event of the call reached the fleet (and froze the first worker after its
     // mark) once LiveKit reports the participant gone.
@@ -155,7 +155,7 @@ async fn a_worker_killed_after_marking_a_webhook_seen_loses_no_event() {
     .await;
     first.cancel(); // its frozen jobs are abandoned and handed back
     outage.heal();
-    fleet.spawn_worker();
+    fleet.spawn_worker().await;
     let call = fleet
         .wait_for(&id, "completed", Duration::from_secs(30))
         .await;
@@ -197,7 +197,7 @@ async fn a_worker_killed_before_publishing_the_retry_loses_no_attempt() {
     fleet
         .emulator
         .script(number, crate::harness::script(Outcome::Busy, None));
-    let first = fleet.spawn_worker();
+    let first = fleet.spawn_worker().await;
     let id = fleet
         .submit(
             json!({"to": number, "wait_until_answered": true, "ringing_timeout_s": 2,
@@ -212,7 +212,7 @@ async fn a_worker_killed_before_publishing_the_retry_loses_no_attempt() {
     first.cancel();
     tokio::time::sleep(Duration::from_secs(1)).await;
     outage.heal();
-    fleet.spawn_worker();
+    fleet.spawn_worker().await;
     // The dead worker's call lock (10 s + ringing time) expires before the retry dials.
     let call = fleet.wait_for(&id, "busy", Duration::from_secs(45)).await;
     assert_eq!(call["attempts"].as_array().map(Vec::len), Some(2), "{call}");

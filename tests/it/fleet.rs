@@ -6,19 +6,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callfleet::fleet::{self, IngressSettings, WorkerSettings};
+use callfleet_core::adapters::MemoryRouting;
 use callfleet_core::adapters::{Backends, LiveKitApi};
 use callfleet_core::calls::ShiftedClock;
 use callfleet_core::domain::phone::parse_region;
 use callfleet_core::domain::request::CallDefaults;
-use callfleet_core::ports::{Broker, Store};
-use callfleet_workers::{OutboundSettings, SweepSettings};
+use callfleet_core::ports::{Broker, RoutingStore, Store};
+use callfleet_core::routing::RoutingCache;
+use callfleet_workers::{InboundSettings, OutboundSettings, SweepSettings};
 use livekit_emulator::{ApiRecord, Emulator, EmulatorConfig, RunningEmulator};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{
-    eventually, memory_broker, memory_store, rabbit_broker, redis_store_at, CleanOnDrop,
-    FlakyBroker, FlakyStore, Outage,
+    eventually, memory_broker, memory_store, rabbit_broker, redis_routing_at, redis_store_at,
+    CleanOnDrop, FlakyBroker, FlakyStore, Outage,
 };
 
 pub const API_KEY: &str = "test-key";
@@ -45,6 +47,9 @@ pub struct FleetOptions {
     /// The sweeper each worker runs (a long interval keeps it out of tests that do not
     /// look at it).
     pub sweep: SweepSettings,
+    pub inbound: InboundSettings,
+    /// The profile inbound calls fall back to last.
+    pub default_profile: Option<String>,
 }
 
 impl Default for FleetOptions {
@@ -69,6 +74,8 @@ impl Default for FleetOptions {
                 every: Duration::from_secs(3_600),
                 ..SweepSettings::default()
             },
+            inbound: InboundSettings::default(),
+            default_profile: None,
         }
     }
 }
@@ -86,6 +93,10 @@ pub struct TestFleet {
     settings: OutboundSettings,
     max_job_attempts: u32,
     sweep: SweepSettings,
+    inbound: InboundSettings,
+    default_profile: Option<String>,
+    /// The ingress's routing table (each worker holds its own, as processes would).
+    pub routing: Arc<RoutingCache>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Deletes the fleet's queues and keys when the fleet goes, failed test or not.
@@ -94,11 +105,26 @@ pub struct TestFleet {
 
 impl TestFleet {
     pub async fn start(name: &str, options: FleetOptions) -> Self {
-        let (broker, store, prefix): (Arc<dyn Broker>, Arc<dyn Store>, _) = match options.backing {
-            Backing::Memory => (memory_broker(10), memory_store(), None),
+        let (broker, store, routing, prefix): (
+            Arc<dyn Broker>,
+            Arc<dyn Store>,
+            Arc<dyn RoutingStore>,
+            _,
+        ) = match options.backing {
+            Backing::Memory => (
+                memory_broker(10),
+                memory_store(),
+                Arc::new(MemoryRouting::new()),
+                None,
+            ),
             Backing::RabbitRedis => {
                 let (broker, prefix) = rabbit_broker(name, 10).await;
-                (broker, redis_store_at(&prefix).await, Some(prefix))
+                (
+                    broker,
+                    redis_store_at(&prefix).await,
+                    redis_routing_at(&prefix).await,
+                    Some(prefix),
+                )
             }
         };
         let broker = options.broker.clone().unwrap_or(broker);
@@ -130,11 +156,17 @@ impl TestFleet {
         let backends = Backends {
             broker: Arc::clone(&broker),
             store: Arc::clone(&store),
+            routing,
             delivery_limit: 10,
         };
+        let stop = CancellationToken::new();
+        let routing = fleet::routing(&backends, options.default_profile.clone(), stop.clone())
+            .await
+            .expect("routing table loads");
         // Wired by the same composition root as the binary.
         let state = fleet::ingress(
             &backends,
+            Arc::clone(&routing),
             clock.clone(),
             IngressSettings {
                 max_body_bytes: 64 * 1024,
@@ -146,7 +178,6 @@ impl TestFleet {
                 },
             },
         );
-        let stop = CancellationToken::new();
         let tasks = vec![tokio::spawn(fleet::serve(
             listener,
             callfleet_ingress::app(state),
@@ -172,34 +203,42 @@ impl TestFleet {
             settings: options.settings,
             max_job_attempts: options.max_job_attempts,
             sweep: options.sweep,
+            inbound: options.inbound,
+            default_profile: options.default_profile,
+            routing,
             stop,
             tasks,
             _clean: clean,
         };
         for _ in 0..options.workers {
-            test_fleet.spawn_worker();
+            test_fleet.spawn_worker().await;
         }
         test_fleet
     }
 
     /// Starts one more worker (runtime and sweeper) on the fleet's broker and store, wired
     /// by the same composition root as the binary's.
-    pub fn spawn_worker(&mut self) -> CancellationToken {
+    pub async fn spawn_worker(&mut self) -> CancellationToken {
         let settings = WorkerSettings {
             outbound: self.settings.clone(),
+            inbound: self.inbound.clone(),
             sweep: self.sweep.clone(),
             prefetch: 64,
             concurrency: 64,
             max_job_attempts: self.max_job_attempts,
         };
+        // Its own token, so a test can stop this worker alone (as a crash would).
+        let stop = self.stop.child_token();
+        let routing = fleet::routing(&self.backends, self.default_profile.clone(), stop.clone())
+            .await
+            .expect("routing table loads");
         let worker = fleet::worker(
             &self.backends,
+            routing,
             self.livekit.clone(),
             self.clock.clone(),
             &settings,
         );
-        // Its own token, so a test can stop this worker alone (as a crash would).
-        let stop = self.stop.child_token();
         let worker_stop = stop.clone();
         self.tasks.push(tokio::spawn(async move {
             let _ = worker.run(worker_stop, Duration::from_millis(500)).await;

@@ -59,15 +59,23 @@ pub async fn redis_store(test: &str) -> Arc<dyn Store> {
 
 /// A Redis store on `prefix`. Panics (never skips) if Redis is unreachable.
 pub async fn redis_store_at(prefix: &str) -> Arc<dyn Store> {
-    let store = RedisStore::connect(&redis_url(), prefix, Duration::from_secs(5))
+    Arc::new(redis_at(prefix).await)
+}
+
+async fn redis_at(prefix: &str) -> RedisStore {
+    RedisStore::connect(&redis_url(), prefix, Duration::from_secs(5))
         .await
         .unwrap_or_else(|e| {
             panic!(
                 "Redis must be reachable at {} for this test: {e}",
                 redis_url()
             )
-        });
-    Arc::new(store)
+        })
+}
+
+/// The routing store on Redis under `prefix` (keys `prefix:routing:*`).
+pub async fn redis_routing_at(prefix: &str) -> Arc<dyn callfleet_core::ports::RoutingStore> {
+    Arc::new(redis_at(prefix).await.routing())
 }
 
 /// Polls `check` until it yields `Some`, or panics after `timeout` naming `what`.

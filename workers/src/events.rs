@@ -3,6 +3,7 @@
 //! finished. The end of an answered call completes it and frees its trunk slot; an
 //! unanswered dial ends its attempt (retried per the call's policy).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,11 +14,13 @@ use callfleet_core::domain::webhook::{
 use callfleet_core::domain::{
     call_for_room, parse_participant_identity, AfterAttempt, Call, CallStatus, EndDetails,
 };
+use callfleet_core::ports::broker::headers;
 use callfleet_core::ports::{Message, WorkQueue};
 use callfleet_core::telemetry::metrics as m;
 use chrono::{DateTime, TimeZone, Utc};
 
 use crate::calls::{CallDeps, InfraError};
+use crate::inbound::{Halt, Inbound};
 use crate::{Handler, HandlerOutcome};
 
 /// How long an event id is remembered (LiveKit gives up on an event after 30 s of retries;
@@ -27,6 +30,8 @@ const DEDUPE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Consumes `webhook_events`.
 pub struct WebhookEventHandler {
     deps: CallDeps,
+    /// Events about rooms the fleet did not create (inbound calls).
+    inbound: Option<Arc<Inbound>>,
 }
 
 fn millis(ms: i64) -> Option<DateTime<Utc>> {
@@ -35,7 +40,16 @@ fn millis(ms: i64) -> Option<DateTime<Utc>> {
 
 impl WebhookEventHandler {
     pub fn new(deps: CallDeps) -> Self {
-        Self { deps }
+        Self {
+            deps,
+            inbound: None,
+        }
+    }
+
+    /// Also handles inbound calls.
+    pub fn with_inbound(mut self, inbound: Arc<Inbound>) -> Self {
+        self.inbound = Some(inbound);
+        self
     }
 
     async fn apply(&self, event: &WebhookEvent) -> Result<&'static str, InfraError> {
@@ -206,7 +220,22 @@ impl Handler for WebhookEventHandler {
         // or room instance), so the event is applied first and marked seen after: a worker
         // that dies in between leaves no mark, and the redelivery is applied, not dropped
         // as a duplicate. The mark only tells the metrics what was a repeat.
-        match self.apply(&event).await {
+        let applied = match &self.inbound {
+            Some(inbound) if Inbound::concerns(&event) => {
+                let received_at = message
+                    .headers
+                    .get(headers::RECEIVED_MS)
+                    .and_then(|ms| ms.parse().ok())
+                    .and_then(DateTime::from_timestamp_millis);
+                match inbound.on_event(&event, received_at).await {
+                    Ok(result) => Ok(result),
+                    Err(Halt::Infra(e)) => Err(e),
+                    Err(halt) => return halt.outcome(),
+                }
+            }
+            _ => self.apply(&event).await,
+        };
+        match applied {
             Ok(result) => {
                 let seen_key = format!("wh:{}", event.dedupe_id(&message.body));
                 let first = match self

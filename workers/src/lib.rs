@@ -3,6 +3,7 @@
 
 pub mod calls;
 pub mod events;
+pub mod inbound;
 pub mod outbound;
 pub mod runtime;
 pub mod steps;
@@ -10,6 +11,7 @@ pub mod sweeper;
 
 pub use calls::{CallDeps, OutboundSettings};
 pub use events::WebhookEventHandler;
+pub use inbound::{Inbound, InboundSettings};
 pub use outbound::OutboundCallHandler;
 pub use runtime::{Handler, HandlerOutcome, WorkerRuntime};
 pub use sweeper::{SweepSettings, Sweeper};

@@ -5,10 +5,12 @@
 //! happened (ListDispatch; GetParticipant with the attempt's deterministic identity).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use callfleet_core::calls::{wall_time, CallJob};
+use callfleet_core::domain::inbound::is_inbound_call_id;
 use callfleet_core::domain::metadata::snake_case_keys;
 use callfleet_core::domain::phone::E164;
 use callfleet_core::domain::sip_outcome::{ApiFailure, FailureKind};
@@ -21,12 +23,14 @@ use chrono::Utc;
 use serde_json::{json, Value};
 
 use crate::calls::{trunk_pool, CallDeps, InfraError};
+use crate::inbound::Inbound;
 use crate::steps::{self, DispatchDecision};
 use crate::{Handler, HandlerOutcome};
 
-/// Consumes `call_jobs`.
+/// Consumes `call_jobs` (outbound calls' jobs, and inbound calls' through [`Inbound`]).
 pub struct OutboundCallHandler {
     deps: CallDeps,
+    inbound: Option<Arc<Inbound>>,
 }
 
 /// Why a job stopped before its end.
@@ -44,7 +48,16 @@ impl From<InfraError> for Stop {
 
 impl OutboundCallHandler {
     pub fn new(deps: CallDeps) -> Self {
-        Self { deps }
+        Self {
+            deps,
+            inbound: None,
+        }
+    }
+
+    /// Also runs inbound calls' jobs.
+    pub fn with_inbound(mut self, inbound: Arc<Inbound>) -> Self {
+        self.inbound = Some(inbound);
+        self
     }
 
     fn agent(&self, call: &Call) -> String {
@@ -726,6 +739,15 @@ impl Handler for OutboundCallHandler {
             Ok(job) => job,
             Err(reason) => return HandlerOutcome::DeadLetter { reason },
         };
+        // Inbound calls' jobs (agent checks, the sweeper's nudges) share the queue.
+        if is_inbound_call_id(&job.call_id) {
+            return match &self.inbound {
+                Some(inbound) => inbound.run_job(&job.call_id).await,
+                None => HandlerOutcome::DeadLetter {
+                    reason: "an inbound call's job on a worker without inbound routing".into(),
+                },
+            };
+        }
         match self.run(&job).await {
             Ok(()) | Err(Stop::Gone) => HandlerOutcome::Done,
             Err(Stop::Outcome(outcome)) => outcome,

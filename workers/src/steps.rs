@@ -68,6 +68,17 @@ pub fn metadata_attempt(metadata: &str) -> Option<u32> {
         .map(|n| n as u32)
 }
 
+/// The dispatches in `room` (ListDispatch, read-only).
+pub async fn list_dispatches(
+    livekit: &dyn LiveKit,
+    room: &str,
+) -> Result<Vec<proto::AgentDispatch>, LiveKitError> {
+    (|| async { livekit.list_dispatch(room).await })
+        .retry(quick_retries())
+        .when(transient)
+        .await
+}
+
 /// The dispatch of `agent` for `attempt` already in `room`, if any (ListDispatch).
 pub async fn find_dispatch(
     livekit: &dyn LiveKit,
@@ -75,11 +86,8 @@ pub async fn find_dispatch(
     agent: &str,
     attempt: u32,
 ) -> Result<Option<proto::AgentDispatch>, LiveKitError> {
-    let existing = (|| async { livekit.list_dispatch(room).await })
-        .retry(quick_retries())
-        .when(transient)
-        .await?;
-    Ok(existing
+    Ok(list_dispatches(livekit, room)
+        .await?
         .into_iter()
         .find(|d| d.agent_name == agent && metadata_attempt(&d.metadata) == Some(attempt)))
 }

@@ -196,6 +196,24 @@ impl BackendConfig {
     }
 }
 
+/// What the workers do with an inbound call no profile can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum UnroutedAction {
+    /// Remove the caller: a clear end rather than ringing for the trunk's minutes.
+    #[default]
+    Hangup,
+    /// Leave the caller in the room (something else may answer).
+    Leave,
+}
+
+/// Inbound routing, for the ingress and the workers alike.
+#[derive(Debug, Clone, Args)]
+pub struct RoutingConfig {
+    /// Profile that takes inbound calls nothing else can take (after fallbacks).
+    #[arg(long, env = "CALLFLEET_DEFAULT_PROFILE")]
+    pub default_profile: Option<String>,
+}
+
 /// How to reach LiveKit.
 #[derive(Debug, Clone, Args)]
 pub struct LiveKitConfig {
@@ -365,6 +383,13 @@ pub struct WorkerConfig {
     /// How long a call may stay quiet past its due time before the sweeper repairs it.
     #[arg(long, env = "CALLFLEET_SWEEP_AFTER_S", default_value_t = 120)]
     pub sweep_after_s: u64,
+    /// Inbound calls no profile can take: `hangup` removes the caller, `leave` leaves
+    /// them in the room.
+    #[arg(long, env = "CALLFLEET_UNROUTED", value_enum, default_value_t = UnroutedAction::Hangup)]
+    pub unrouted: UnroutedAction,
+    /// Delete an inbound call's room once the call ended (removing its agent at once).
+    #[arg(long, env = "CALLFLEET_INBOUND_DELETE_ROOM", default_value_t = false)]
+    pub inbound_delete_room: bool,
 }
 
 impl WorkerConfig {

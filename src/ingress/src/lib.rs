@@ -4,6 +4,7 @@
 
 pub mod calls;
 pub mod error;
+pub mod routing;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use callfleet_core::calls::{CallBook, Clock};
 use callfleet_core::domain::request::CallDefaults;
 use callfleet_core::lifecycle::{health_router, Readiness};
 use callfleet_core::ports::Broker;
+use callfleet_core::routing::RoutingCache;
 use callfleet_core::telemetry::metrics as m;
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
@@ -41,6 +43,8 @@ pub struct IngressState {
     pub webhook_keys: Arc<Vec<(String, SecretString)>>,
     pub defaults: CallDefaults,
     pub clock: Arc<dyn Clock>,
+    /// The routing table (profiles), kept current in memory.
+    pub routing: Arc<RoutingCache>,
 }
 
 /// The ingress app: routes, body limit (413 beyond it) and request metrics by route.
@@ -52,6 +56,32 @@ pub fn app(state: IngressState) -> Router {
         .route("/v1/calls/batch", post(calls::create_batch))
         .route("/v1/calls/{id}", get(calls::get_call))
         .route("/v1/calls/{id}/cancel", post(calls::cancel_call))
+        .route(
+            "/v1/routing/profiles",
+            post(routing::create).get(routing::list),
+        )
+        .route(
+            "/v1/routing/profiles/{id}",
+            get(routing::get_one)
+                .put(routing::replace)
+                .patch(routing::patch)
+                .delete(routing::delete),
+        )
+        .route(
+            "/v1/routing/profiles/{id}/activate",
+            post(routing::activate),
+        )
+        .route(
+            "/v1/routing/profiles/{id}/deactivate",
+            post(routing::deactivate),
+        )
+        .route("/v1/routing/explain", get(routing::explain))
+        .route("/v1/routing/export", get(routing::export))
+        .route(
+            "/v1/routing/import",
+            post(routing::import).layer(DefaultBodyLimit::max(routing::IMPORT_MAX_BYTES)),
+        )
+        .route("/v1/routing/resolve", post(routing::resolve))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

@@ -6,6 +6,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use callfleet_core::domain::call_for_room;
+use callfleet_core::domain::inbound::inbound_call_id;
 use callfleet_core::domain::webhook::{verify_webhook, WebhookEvent};
 use callfleet_core::ports::broker::headers as h;
 use callfleet_core::ports::{Message, WorkQueue};
@@ -45,9 +46,15 @@ pub async fn receive(
     })?;
     let mut message = Message::new(WorkQueue::WebhookEvents, body.clone())
         .with_id(event.dedupe_id(&body))
-        .with_header(EVENT_HEADER, event.event.as_str());
-    // The worker's job span names the call the event is about (its room's call).
-    if let Some(call_id) = event.room.as_ref().and_then(|r| call_for_room(&r.name)) {
+        .with_header(EVENT_HEADER, event.event.as_str())
+        .with_header(
+            h::RECEIVED_MS,
+            chrono::Utc::now().timestamp_millis().to_string(),
+        );
+    // The worker's job span names the call the event is about: the room's outbound call,
+    // or the inbound call keyed by the room.
+    if let Some(room) = event.room.as_ref().filter(|r| !r.name.is_empty()) {
+        let call_id = call_for_room(&room.name).unwrap_or_else(|| inbound_call_id(room));
         message = message.with_header(h::TRACE_ID, call_id);
     }
     match state.broker.publish(message).await {

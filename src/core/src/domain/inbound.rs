@@ -27,6 +27,12 @@ pub fn inbound_call_id(room: &RoomRef) -> String {
     format!("call_in{hex}")
 }
 
+/// Whether `id` names an inbound call (see [`inbound_call_id`]; outbound ids are
+/// `call_` + hex, and `i` is not a hex digit).
+pub fn is_inbound_call_id(id: &str) -> bool {
+    id.starts_with("call_in")
+}
+
 /// What LiveKit told us about the caller's SIP participant (livekit-sip-inbound.md §2).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboundLeg {

@@ -5,7 +5,8 @@
 
 use std::fmt;
 
-use rlibphonenumber::{PhoneNumber, PhoneNumberFormat, Region, PHONE_NUMBER_UTIL};
+pub use rlibphonenumber::Region;
+use rlibphonenumber::{PhoneNumber, PhoneNumberFormat, PHONE_NUMBER_UTIL};
 use serde::{Deserialize, Serialize};
 
 /// A validated phone number in E.164 form (`+15105550123`).

@@ -62,6 +62,8 @@ pub mod headers {
     pub const ATTEMPTS: &str = "x-callfleet-attempts";
     /// Trace context propagated from ingress to worker.
     pub const TRACE_ID: &str = "x-callfleet-trace-id";
+    /// Epoch milliseconds at which the ingress received the webhook (latency metrics).
+    pub const RECEIVED_MS: &str = "x-callfleet-received-ms";
 }
 
 /// A message to publish, or as received.
