@@ -1,6 +1,7 @@
 //! Adapters for the ports, and the one place that picks them from configuration.
 
 pub mod livekit;
+pub mod livekit_sip;
 pub mod memory_broker;
 pub mod memory_routing;
 pub mod memory_store;
@@ -16,6 +17,7 @@ use crate::config::{BackendConfig, BrokerKind, StoreKind};
 use crate::ports::{Broker, BrokerError, RoutingStore, Store, StoreError};
 
 pub use livekit::LiveKitApi;
+pub use livekit_sip::LiveKitSip;
 pub use memory_broker::MemoryBroker;
 pub use memory_routing::MemoryRouting;
 pub use memory_store::MemoryStore;
