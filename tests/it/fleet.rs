@@ -97,10 +97,24 @@ pub struct TestFleet {
     default_profile: Option<String>,
     /// The ingress's routing table (each worker holds its own, as processes would).
     pub routing: Arc<RoutingCache>,
+    /// Each worker's routing table, in start order.
+    pub worker_routing: Vec<Arc<RoutingCache>>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Deletes the fleet's queues and keys when the fleet goes, failed test or not.
     _clean: Option<CleanOnDrop>,
+}
+
+fn ingress_settings() -> IngressSettings {
+    IngressSettings {
+        max_body_bytes: 64 * 1024,
+        api_keys: vec![API_KEY.into()],
+        webhook_keys: vec![("devkey".into(), "secret".into())],
+        defaults: CallDefaults {
+            region: parse_region("US").ok(),
+            trunk_id: Some(TRUNK.into()),
+        },
+    }
 }
 
 impl TestFleet {
@@ -168,15 +182,7 @@ impl TestFleet {
             &backends,
             Arc::clone(&routing),
             clock.clone(),
-            IngressSettings {
-                max_body_bytes: 64 * 1024,
-                api_keys: vec![API_KEY.into()],
-                webhook_keys: vec![("devkey".into(), "secret".into())],
-                defaults: CallDefaults {
-                    region: parse_region("US").ok(),
-                    trunk_id: Some(TRUNK.into()),
-                },
-            },
+            ingress_settings(),
         );
         let tasks = vec![tokio::spawn(fleet::serve(
             listener,
@@ -206,6 +212,7 @@ impl TestFleet {
             inbound: options.inbound,
             default_profile: options.default_profile,
             routing,
+            worker_routing: Vec::new(),
             stop,
             tasks,
             _clean: clean,
@@ -232,6 +239,7 @@ impl TestFleet {
         let routing = fleet::routing(&self.backends, self.default_profile.clone(), stop.clone())
             .await
             .expect("routing table loads");
+        self.worker_routing.push(Arc::clone(&routing));
         let worker = fleet::worker(
             &self.backends,
             routing,
@@ -244,6 +252,34 @@ impl TestFleet {
             let _ = worker.run(worker_stop, Duration::from_millis(500)).await;
         }));
         stop
+    }
+
+    /// Starts one more ingress (its own routing table, as another process would have)
+    /// on the fleet's backends; returns its base URL.
+    pub async fn spawn_ingress(&mut self) -> String {
+        let routing = fleet::routing(
+            &self.backends,
+            self.default_profile.clone(),
+            self.stop.clone(),
+        )
+        .await
+        .expect("routing table loads");
+        let state = fleet::ingress(
+            &self.backends,
+            routing,
+            self.clock.clone(),
+            ingress_settings(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind ingress");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        self.tasks.push(tokio::spawn(fleet::serve(
+            listener,
+            callfleet_ingress::app(state),
+            self.stop.clone(),
+        )));
+        base
     }
 
     pub fn emulator_url(&self) -> String {
@@ -268,6 +304,29 @@ impl TestFleet {
                 .json(body),
         )
         .await
+    }
+
+    /// A request with any method and a JSON body (`null`: none).
+    pub async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(API_KEY);
+        if !body.is_null() {
+            request = request.json(body);
+        }
+        self.send(request).await
+    }
+
+    /// GET on the emulator's control API.
+    pub async fn get_emulator(&self, path: &str) -> (u16, Value) {
+        self.send(self.http.get(format!("{}{path}", self.emulator_url())))
+            .await
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {

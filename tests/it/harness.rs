@@ -545,3 +545,15 @@ impl Broker for FlakyBroker {
         self.inner.ping().await
     }
 }
+
+/// A LiveKit webhook `Authorization` header for `body`, signed as LiveKit signs (a JWT
+/// with the body's SHA-256).
+pub fn sign_webhook(key: &str, secret: &str, body: &[u8]) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let digest = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body));
+    livekit_api::access_token::AccessToken::with_api_key(key, secret)
+        .with_sha256(&digest)
+        .to_jwt()
+        .expect("jwt")
+}

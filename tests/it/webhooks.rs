@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use callfleet_core::ports::WorkQueue;
-use livekit_api::access_token::{AccessToken, Claims};
+use livekit_api::access_token::Claims;
 use livekit_emulator::{CallScript, Faults, Outcome, WebhookFaults};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -14,16 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::fleet::{FleetOptions, TestFleet};
 use crate::harness::DownBroker;
 
-fn digest(body: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(Sha256::digest(body))
-}
-
-fn sign(key: &str, secret: &str, body: &[u8]) -> String {
-    AccessToken::with_api_key(key, secret)
-        .with_sha256(&digest(body))
-        .to_jwt()
-        .expect("jwt")
-}
+use crate::harness::sign_webhook as sign;
 
 /// An HS256 JWT with exactly these claims (the SDK's builder cannot backdate `exp`).
 fn hs256(secret: &str, claims: &Claims) -> String {
@@ -71,7 +62,7 @@ async fn signature_matrix_enqueues_only_what_livekit_signed() {
             iss: "devkey".into(),
             exp: now - 600,
             nbf: now - 900,
-            sha256: digest(body),
+            sha256: base64::engine::general_purpose::STANDARD.encode(Sha256::digest(body)),
             ..Default::default()
         },
     );

@@ -365,9 +365,18 @@ pub async fn import(
             .as_deref()
             .and_then(|id| table.get(id))
             .map(|p| p.profile.clone());
-        let profile = validate(&state, input, None, existing.as_ref(), &at)?;
+        let mut profile = validate(&state, input, None, existing.as_ref(), &at)?;
         if !seen.insert(profile.id.clone()) {
             return Err(invalid(format!("{at}id"), "appears twice in the import"));
+        }
+        if let Some(existing) = existing {
+            profile.updated_at = existing.updated_at;
+            if profile == existing {
+                // Unchanged: not written again (importing the same document twice is a
+                // no-op, and an export imports back as it was).
+                continue;
+            }
+            profile.updated_at = state.clock.now();
         }
         profiles.push(profile);
     }
@@ -378,6 +387,7 @@ pub async fn import(
         .await
         .map_err(unavailable)?;
     let count = profiles.len();
+    let unchanged = seen.len() - count;
     let deletes: Vec<String> = if replace_all {
         table
             .all()
@@ -390,7 +400,7 @@ pub async fn import(
     let deleted = deletes.len();
     state.routing.apply(profiles, &deletes, version);
     Ok(Json(
-        json!({"imported": count, "deleted": deleted, "version": version}),
+        json!({"imported": count, "unchanged": unchanged, "deleted": deleted, "version": version}),
     ))
 }
 

@@ -331,7 +331,7 @@ impl Call {
         let what = if by_rule {
             "dispatched_by_rule"
         } else {
-            "agent_dispatched"
+            "dispatch_created"
         };
         self.note(at, what, Some(agent));
         if !self.status.is_terminal() {
