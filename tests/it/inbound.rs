@@ -1039,3 +1039,110 @@ async fn a_hundred_thousand_profiles_import_and_resolve() {
     eprintln!("imported 100,000 profiles in {import_took:?}");
     fleet.stop().await;
 }
+
+/// A worker process SIGKILLed after its CreateDispatch reached LiveKit and before the
+/// dispatch was journalled: the redelivered webhook's worker finds the dispatch in
+/// LiveKit (ListDispatch) and sends none of its own. One agent.
+#[tokio::test]
+async fn a_worker_killed_between_dispatch_and_journal_dispatches_once() {
+    let mut fleet = TestFleet::start(
+        "inbound-crash",
+        FleetOptions {
+            backing: Backing::RabbitRedis,
+            workers: 0,
+            ..Default::default()
+        },
+    )
+    .await;
+    let prefix = fleet.prefix.clone().expect("rabbit prefix");
+    let (status, _) = fleet
+        .post(
+            "/v1/routing/profiles",
+            &json!({"id": "crash", "name": "Crash", "agent_name": "crash-agent", "numbers": [DID],
+                    "agent_join_timeout_s": 600}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    // CreateDispatch is carried out 1.5 s after it arrives: the worker waits for its
+    // answer meanwhile, and dies waiting.
+    fleet.emulator.set_faults(Faults {
+        methods: [(
+            "CreateDispatch".to_owned(),
+            MethodFault {
+                latency_ms: 1_500,
+                ..Default::default()
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    });
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_callfleet"))
+        .arg("worker")
+        .env("CALLFLEET_BROKER", "rabbitmq")
+        .env("CALLFLEET_STORE", "redis")
+        .env("CALLFLEET_AMQP_URL", crate::harness::amqp_url())
+        .env("CALLFLEET_REDIS_URL", crate::harness::redis_url())
+        .env("CALLFLEET_QUEUE_PREFIX", &prefix)
+        .env("CALLFLEET_KEY_PREFIX", &prefix)
+        .env("CALLFLEET_WORKER_HTTP_ADDR", "127.0.0.1:0")
+        .env("LIVEKIT_URL", fleet.emulator_url())
+        .env("LIVEKIT_API_KEY", "devkey")
+        .env("LIVEKIT_API_SECRET", "secret")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start a worker process");
+    let placed = place(&fleet, json!({"from": "+15105550155", "to": DID})).await;
+    let room = placed["room_name"].as_str().expect("room").to_owned();
+    // Recorded on arrival (its room is filled in once it has been carried out).
+    eventually(
+        "the worker's CreateDispatch to reach LiveKit",
+        Duration::from_secs(30),
+        || async { (!fleet.emulator.requests_of("CreateDispatch").is_empty()).then_some(()) },
+    )
+    .await;
+    worker.start_kill().expect("SIGKILL");
+    assert!(!worker.wait().await.expect("reaped").success(), "killed");
+    let call = call_in_room(&fleet, &room, Duration::from_secs(5)).await;
+    let journal = &call["inbound"]["dispatches"][0];
+    assert!(
+        journal["started_at"].is_string(),
+        "journalled as started: {call}"
+    );
+    assert!(
+        journal["dispatch_id"].is_null(),
+        "its answer never recorded: {call}"
+    );
+    fleet.emulator.set_faults(Faults::default());
+    // Another worker takes the call once the dead one's lock expires (10 s).
+    fleet.spawn_worker().await;
+    let call = eventually(
+        "the dispatch to be reconciled",
+        Duration::from_secs(60),
+        || async {
+            let c = call_in_room(&fleet, &room, Duration::from_secs(5)).await;
+            c["inbound"]["dispatches"][0]["dispatch_id"]
+                .is_string()
+                .then_some(c)
+        },
+    )
+    .await;
+    assert_eq!(
+        call["inbound"]["dispatches"].as_array().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(dispatches_in(&fleet, &room), 1, "exactly one agent");
+    assert_eq!(
+        fleet
+            .emulator
+            .requests_of("CreateDispatch")
+            .iter()
+            .filter(|r| r.room.as_deref() == Some(room.as_str()))
+            .count(),
+        1,
+        "nothing was sent again"
+    );
+    fleet.stop().await;
+}

@@ -200,7 +200,7 @@ async fn duplicated_webhooks_are_applied_once() {
         || async {
             handle
                 .render()
-                .contains("callfleet_webhooks_total{result=\"duplicate\",reason=\"event_id\"}")
+                .contains("result=\"duplicate\",reason=\"event_id\"}")
                 .then_some(())
         },
     )
@@ -264,7 +264,7 @@ async fn late_events_never_move_a_call_backwards() {
         || async {
             handle
                 .render()
-                .contains("callfleet_webhooks_total{result=\"stale\",reason=\"none\"}")
+                .contains("result=\"stale\",reason=\"none\"}")
                 .then_some(())
         },
     )

@@ -256,7 +256,14 @@ impl Handler for WebhookEventHandler {
                 } else {
                     ("duplicate", "event_id")
                 };
-                metrics::counter!(m::WEBHOOKS, "result" => result, "reason" => reason).increment(1);
+                // Event names LiveKit may add later count as `other` (bounded labels).
+                let kind = match &event.event {
+                    EventKind::Other(_) => "other",
+                    known => known.as_str(),
+                };
+                let kind = kind.to_owned();
+                metrics::counter!(m::WEBHOOKS, "event" => kind, "result" => result, "reason" => reason)
+                    .increment(1);
                 HandlerOutcome::Done
             }
             Err(e) => {
