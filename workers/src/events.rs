@@ -211,7 +211,7 @@ impl Handler for WebhookEventHandler {
         WorkQueue::WebhookEvents
     }
 
-    async fn handle(&self, message: &Message, _redeliveries: u32) -> HandlerOutcome {
+    async fn handle(&self, message: &Message, redeliveries: u32) -> HandlerOutcome {
         let event = match WebhookEvent::parse(&message.body) {
             Ok(e) => e,
             Err(reason) => return HandlerOutcome::DeadLetter { reason },
@@ -227,7 +227,10 @@ impl Handler for WebhookEventHandler {
                     .get(headers::RECEIVED_MS)
                     .and_then(|ms| ms.parse().ok())
                     .and_then(DateTime::from_timestamp_millis);
-                match inbound.on_event(&event, received_at).await {
+                match inbound
+                    .on_event(&event, received_at, redeliveries > 0)
+                    .await
+                {
                     Ok(result) => Ok(result),
                     Err(Halt::Infra(e)) => Err(e),
                     Err(halt) => return halt.outcome(),

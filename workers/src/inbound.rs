@@ -57,6 +57,27 @@ impl Default for InboundSettings {
     }
 }
 
+/// What asked for the call to move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A webhook event, received by the ingress then.
+    Webhook {
+        received_at: Option<DateTime<Utc>>,
+        redelivered: bool,
+    },
+    /// A call job: an agent check, or the sweeper's nudge.
+    Job,
+}
+
+impl Origin {
+    fn may_have_lost_work(self) -> bool {
+        match self {
+            Origin::Webhook { redelivered, .. } => redelivered,
+            Origin::Job => true,
+        }
+    }
+}
+
 /// Why a step stopped short.
 #[derive(Debug)]
 pub enum Halt {
@@ -147,17 +168,24 @@ impl Inbound {
 
     /// Applies a webhook event about an inbound room. `received_at`: when the ingress
     /// took it (for the webhook → dispatch latency).
+    /// `redelivered`: the broker handed this event out before (its worker may have died
+    /// after dispatching and before queueing the agent check).
     pub async fn on_event(
         &self,
         event: &WebhookEvent,
         received_at: Option<DateTime<Utc>>,
+        redelivered: bool,
     ) -> Result<&'static str, Halt> {
         let Some(room) = &event.room else {
             return Ok("ignored");
         };
         match (&event.event, &event.participant) {
             (EventKind::ParticipantJoined, Some(p)) if p.is_sip() => {
-                self.caller_joined(room, p, received_at).await
+                let origin = Origin::Webhook {
+                    received_at,
+                    redelivered,
+                };
+                self.caller_joined(room, p, origin).await
             }
             (EventKind::ParticipantJoined, Some(p)) if p.is_agent() => {
                 self.agent_joined(room, p).await
@@ -186,7 +214,7 @@ impl Inbound {
         &self,
         room: &RoomRef,
         p: &ParticipantRef,
-        received_at: Option<DateTime<Utc>>,
+        origin: Origin,
     ) -> Result<&'static str, Halt> {
         let deps = &self.deps;
         let now = deps.clock.now();
@@ -222,7 +250,7 @@ impl Inbound {
                 })
                 .await?;
         }
-        self.progress(&id, received_at).await
+        self.progress(&id, origin).await
     }
 
     async fn agent_joined(&self, room: &RoomRef, p: &ParticipantRef) -> Result<&'static str, Halt> {
@@ -320,36 +348,32 @@ impl Inbound {
 
     /// A call job for an inbound call (the agent check, or the sweeper's nudge).
     pub async fn run_job(&self, call_id: &str) -> HandlerOutcome {
-        match self.progress(call_id, None).await {
+        match self.progress(call_id, Origin::Job).await {
             Ok(_) => HandlerOutcome::Done,
             Err(halt) => halt.outcome(),
         }
     }
 
     /// Moves the call as far as it can go now, under its lock.
-    async fn progress(
-        &self,
-        call_id: &str,
-        received_at: Option<DateTime<Utc>>,
-    ) -> Result<&'static str, Halt> {
+    async fn progress(&self, call_id: &str, origin: Origin) -> Result<&'static str, Halt> {
         let store = self.deps.calls.store();
         let lock = format!("call:{call_id}");
         let Some(token) = store.try_lock(&lock, self.settings.lock_ttl).await? else {
             return Err(Halt::Busy);
         };
-        let result = self.drive(call_id, received_at).await;
+        let result = self.drive(call_id, origin).await;
         if let Err(e) = store.unlock(&lock, &token).await {
             tracing::debug!(error = %e, "call lock not released; it expires");
         }
         result
     }
 
-    async fn drive(
-        &self,
-        call_id: &str,
-        received_at: Option<DateTime<Utc>>,
-    ) -> Result<&'static str, Halt> {
+    async fn drive(&self, call_id: &str, origin: Origin) -> Result<&'static str, Halt> {
         let deps = &self.deps;
+        let received_at = match origin {
+            Origin::Webhook { received_at, .. } => received_at,
+            Origin::Job => None,
+        };
         let mut result = "duplicate";
         // Each pass takes one step; a call needs at most a handful.
         for _ in 0..8 {
@@ -396,9 +420,12 @@ impl Inbound {
                 }
                 InboundStep::AwaitAgent { n, due } => {
                     if now < due {
-                        // The check at `due` is queued; queue it again (harmless when
-                        // it exists) in case it was lost with a worker.
-                        self.queue_check(&call, n, due).await?;
+                        // The check at `due` is queued. A job (the sweeper's nudge) or a
+                        // redelivered event may be all that is left of a worker that died
+                        // before queueing it: queue it again (a duplicate is harmless).
+                        if origin.may_have_lost_work() {
+                            self.queue_check(&call, n, due).await?;
+                        }
                         if result == "duplicate" {
                             dispatched_metric("duplicate_prevented");
                         }
@@ -408,7 +435,7 @@ impl Inbound {
                     result = "applied";
                 }
                 InboundStep::Live => {
-                    if received_at.is_none() {
+                    if origin == Origin::Job {
                         // The sweeper's nudge: is the caller still there?
                         self.check_caller(&call).await?;
                     } else if result == "duplicate" {
