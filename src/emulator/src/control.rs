@@ -10,8 +10,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::agents::{DispatchRecord, DispatchSource};
 use crate::faults::Faults;
-use crate::sip::{CallScript, InboundCall};
+use crate::sip::{CallScript, HangupError, InboundCall};
 use crate::Emulator;
 
 pub fn router(emu: Emulator) -> Router {
@@ -23,7 +24,11 @@ pub fn router(emu: Emulator) -> Router {
         .route("/scripts", get(scripts).delete(clear_scripts))
         .route("/scripts/{number}", put(put_script).delete(delete_script))
         .route("/faults", get(get_faults).put(put_faults))
-        .route("/inbound", post(inbound))
+        .route("/inbound", post(inbound).get(inbound_calls))
+        .route("/inbound/{sip_call_id}/hangup", post(hangup))
+        .route("/agents", get(agents))
+        .route("/agents/{agent_name}", put(put_agent).delete(delete_agent))
+        .route("/dispatches", get(dispatches))
         .route("/reset", post(reset))
         .fallback(not_found)
         .layer(middleware::from_fn(json_errors))
@@ -228,6 +233,124 @@ async fn inbound(State(emu): State<Emulator>, Json(call): Json<InboundCall>) -> 
         );
     }
     (StatusCode::CREATED, Json(emu.inbound_call(call).await)).into_response()
+}
+
+/// `GET /inbound`: every inbound call, oldest first.
+async fn inbound_calls(State(emu): State<Emulator>) -> Json<Value> {
+    Json(json!({"calls": emu.inbound_calls()}))
+}
+
+/// `POST /inbound/{sip_call_id}/hangup`: the caller hangs up (204; 404 unknown, 409 ended).
+async fn hangup(State(emu): State<Emulator>, Path(sip_call_id): Path<String>) -> Response {
+    match emu.hangup_inbound(&sip_call_id) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e @ HangupError::NotFound(_)) => error(
+            StatusCode::NOT_FOUND,
+            &e.to_string(),
+            json!({"sip_call_id": sip_call_id}),
+        ),
+        Err(e @ HangupError::AlreadyEnded(_)) => error(
+            StatusCode::CONFLICT,
+            &e.to_string(),
+            json!({"sip_call_id": sip_call_id}),
+        ),
+    }
+}
+
+fn millis(d: Option<std::time::Duration>) -> Value {
+    d.map_or(Value::Null, |d| json!(d.as_millis() as u64))
+}
+
+/// `GET /agents`: the default join delay and the per-agent ones (`null`: never joins).
+async fn agents(State(emu): State<Emulator>) -> Json<Value> {
+    let agents: serde_json::Map<String, Value> = emu
+        .agent_settings()
+        .into_iter()
+        .map(|(name, after)| (name, json!({"join_after_ms": millis(after)})))
+        .collect();
+    Json(json!({
+        "default_join_after_ms": millis(emu.inner.config.agent_join_after),
+        "agents": agents,
+    }))
+}
+
+/// `PUT /agents/{agent_name}` `{"join_after_ms": 200}` or `{"join_after_ms": null}` (no
+/// worker ever joins). The key is required, so a typo cannot mean "never".
+async fn put_agent(
+    State(emu): State<Emulator>,
+    Path(agent_name): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
+    let Some(object) = body.as_object() else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "body must be a JSON object",
+            Value::Null,
+        );
+    };
+    if let Some(other) = object.keys().find(|k| *k != "join_after_ms") {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &format!("unknown field {other:?}; expected join_after_ms"),
+            Value::Null,
+        );
+    }
+    let after = match object.get("join_after_ms") {
+        None => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "join_after_ms is required (milliseconds, or null for never)",
+                Value::Null,
+            )
+        }
+        Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(ms) => Some(std::time::Duration::from_millis(ms)),
+            None => {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "join_after_ms must be a non-negative integer or null",
+                    json!({"join_after_ms": v}),
+                )
+            }
+        },
+    };
+    emu.set_agent_join_after(&agent_name, after);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// `DELETE /agents/{agent_name}`: back to the default delay.
+async fn delete_agent(State(emu): State<Emulator>, Path(agent_name): Path<String>) -> StatusCode {
+    emu.clear_agent_join_after(&agent_name);
+    StatusCode::NO_CONTENT
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct DispatchFilter {
+    room: Option<String>,
+    agent_name: Option<String>,
+    /// `api` or `rule`.
+    source: Option<String>,
+}
+
+/// `GET /dispatches`: every dispatch ever created (API or rule), oldest first.
+async fn dispatches(State(emu): State<Emulator>, Query(f): Query<DispatchFilter>) -> Json<Value> {
+    let items: Vec<DispatchRecord> = emu
+        .dispatches()
+        .into_iter()
+        .filter(|d| f.room.as_ref().is_none_or(|r| *r == d.room))
+        .filter(|d| f.agent_name.as_ref().is_none_or(|a| *a == d.agent_name))
+        .filter(|d| {
+            f.source.as_ref().is_none_or(|s| {
+                matches!(
+                    (s.as_str(), d.source),
+                    ("api", DispatchSource::Api) | ("rule", DispatchSource::Rule)
+                )
+            })
+        })
+        .collect();
+    Json(json!({"dispatches": items}))
 }
 
 async fn reset(State(emu): State<Emulator>) -> StatusCode {

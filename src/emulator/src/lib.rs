@@ -7,10 +7,12 @@
 //! every request and webhook so tests can assert exactly-once behaviour. The product talks
 //! to it with the unmodified `livekit-api` client; nothing in the product knows it exists.
 
+mod agents;
 mod control;
 mod faults;
 mod ids;
 mod sip;
+mod sip_admin;
 mod state;
 mod twirp;
 mod unpopulated;
@@ -25,8 +27,9 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use agents::{DispatchRecord, DispatchSource, JobState};
 pub use faults::{Faults, MethodFault, WebhookFaults};
-pub use sip::{CallScript, Outcome};
+pub use sip::{CallScript, HangupError, InboundStatus, Outcome};
 pub use state::{ApiRecord, RequestOutcome, WebhookRecord};
 
 /// Emulator settings.
@@ -48,6 +51,15 @@ pub struct EmulatorConfig {
     pub default_script: CallScript,
     /// Whether requests are recorded (on by default; benchmarks measure with it on).
     pub record: bool,
+    /// Outbound trunk ids that exist from the start (CreateSIPParticipant refuses a trunk
+    /// id that does not exist, as LiveKit does): the ids tests and dev mode dial through.
+    pub outbound_trunks: Vec<String>,
+    /// How long an agent worker takes to join a dispatched room, unless set per agent name
+    /// (`None`: no worker ever joins).
+    pub agent_join_after: Option<Duration>,
+    /// Listeners started by [`Emulator::start`], one per region (`region-0` is the one
+    /// asked for, the others on ports the OS picks), as LiveKit's SDK test server runs.
+    pub regions: u8,
 }
 
 impl Default for EmulatorConfig {
@@ -61,6 +73,9 @@ impl Default for EmulatorConfig {
             default_empty_timeout: 300,
             default_script: CallScript::default(),
             record: true,
+            outbound_trunks: Vec::new(),
+            agent_join_after: Some(Duration::from_millis(300)),
+            regions: 1,
         }
     }
 }
@@ -73,10 +88,13 @@ pub struct Emulator {
 
 /// A running emulator.
 pub struct RunningEmulator {
+    /// The primary listener (`region-0`).
     pub addr: SocketAddr,
+    /// Every region's listener, `region-0` first.
+    pub region_addrs: Vec<SocketAddr>,
     pub emulator: Emulator,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningEmulator {
@@ -85,9 +103,19 @@ impl RunningEmulator {
         format!("http://{}", self.addr)
     }
 
+    /// `http://<addr>` of every region, `region-0` first.
+    pub fn region_urls(&self) -> Vec<String> {
+        self.region_addrs
+            .iter()
+            .map(|a| format!("http://{a}"))
+            .collect()
+    }
+
     pub async fn shutdown(self) {
         self.stop.cancel();
-        let _ = self.task.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
     }
 }
 
@@ -100,8 +128,13 @@ impl Emulator {
 
     /// The HTTP app: Twirp API, `/settings/regions`, and the `/emulator/v1` control API.
     pub fn router(&self) -> Router {
+        self.region_router(0)
+    }
+
+    /// The app of region `region`'s listener: the same emulator answering as `region-N`.
+    pub fn region_router(&self, region: usize) -> Router {
         Router::new()
-            .merge(twirp::router(self.clone()))
+            .merge(twirp::router(self.clone(), region))
             .nest("/emulator/v1", control::router(self.clone()))
     }
 
@@ -117,27 +150,44 @@ impl Emulator {
             .await
     }
 
-    /// Binds `addr` (port 0 for any) and serves in the background.
+    /// Binds `addr` (port 0 for any) and serves in the background; with `regions` > 1 also
+    /// one listener per extra region on the same host.
     pub async fn start(
         config: EmulatorConfig,
         addr: SocketAddr,
     ) -> std::io::Result<RunningEmulator> {
-        let listener = TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
+        let mut listeners = vec![TcpListener::bind(addr).await?];
+        for _ in 1..config.regions.max(1) {
+            listeners.push(TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await?);
+        }
+        let addrs = listeners
+            .iter()
+            .map(TcpListener::local_addr)
+            .collect::<std::io::Result<Vec<_>>>()?;
         let emulator = Emulator::new(config);
-        emulator.inner.set_self_url(format!("http://{addr}"));
+        emulator
+            .inner
+            .set_region_urls(addrs.iter().map(|a| format!("http://{a}")).collect());
         let stop = CancellationToken::new();
-        let serve = emulator.clone().serve(listener, stop.clone());
-        let task = tokio::spawn(async move {
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "emulator server failed");
-            }
-        });
+        let mut tasks = Vec::new();
+        for (region, listener) in listeners.into_iter().enumerate() {
+            let app = emulator.region_router(region);
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, region, "emulator server failed");
+                }
+            }));
+        }
         Ok(RunningEmulator {
-            addr,
+            addr: addrs[0],
+            region_addrs: addrs,
             emulator,
             stop,
-            task,
+            tasks,
         })
     }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use livekit_protocol as proto;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use crate::ids::{guid, now_ms};
@@ -201,6 +202,7 @@ pub fn dial_identity(req: &proto::CreateSipParticipantRequest) -> String {
 /// `sipStatus`: everything that refuses a dial before anything happens.
 pub fn check_dial(
     req: &proto::CreateSipParticipantRequest,
+    trunk_exists: impl FnOnce(&str) -> bool,
     forced_status: Option<(u16, Option<String>)>,
 ) -> Result<(), TwirpError> {
     if req.sip_trunk_id.is_empty() && req.trunk.is_none() && req.sip_number.is_empty() {
@@ -226,6 +228,11 @@ pub fn check_dial(
             "invalid_argument",
             "sip_number is required with an inline trunk",
         ));
+    }
+    // livekit `CreateSIPParticipantRequest` loads the outbound trunk before anything is
+    // dialled: `not_found` "requested sip trunk does not exist".
+    if !req.sip_trunk_id.is_empty() && !trunk_exists(&req.sip_trunk_id) {
+        return Err(crate::sip_admin::trunk_not_found());
     }
     if let Some((code, text)) = forced_status {
         return Err(sip_error(code, text.as_deref()));
@@ -501,15 +508,205 @@ fn default_prefix() -> String {
     "call".into()
 }
 
+/// Where an inbound call stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InboundStatus {
+    /// In the room, not answered yet (nobody subscribed to the caller).
+    Ringing,
+    /// Answered: someone else joined the room.
+    Active,
+    /// Refused before any room (no dispatch rule, trunk conflict, PIN required).
+    Rejected,
+    /// The caller left the room.
+    Ended,
+}
+
+/// An inbound call: the answer to `POST /emulator/v1/inbound` and an entry of
+/// `GET /emulator/v1/inbound`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InboundCallResult {
+    /// `SCL_…` (`sip.callID`).
+    pub sip_call_id: String,
+    pub from: String,
+    pub to: String,
+    /// The inbound trunk the call arrived on (none when no trunk matched).
+    pub trunk_id: Option<String>,
+    /// The dispatch rule that took it.
+    pub rule_id: Option<String>,
+    /// Whether a rule accepted it (the caller joined a room).
+    pub accepted: bool,
+    pub status: InboundStatus,
+    /// The final SIP answer to the caller: 200 once answered, 486 when no rule matched
+    /// or ringing timed out, 503 when the trunks conflict; none while ringing.
+    pub sip_status: Option<u16>,
+    /// Why it was rejected or ended: `no_dispatch_rule`, `trunk_conflict`, `pin_required`,
+    /// `ringing_timeout`, `caller_hangup`, or the caller's disconnect reason.
+    pub reason: Option<String>,
+    /// Empty when rejected.
     pub room_name: String,
     pub participant_identity: String,
     pub participant_sid: String,
-    pub sip_call_id: String,
+    pub created_at_ms: i64,
+    pub answered_at_ms: Option<i64>,
+    pub ended_at_ms: Option<i64>,
 }
 
+/// What `hangup_inbound` could not do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HangupError {
+    #[error("no inbound call {0}")]
+    NotFound(String),
+    #[error("inbound call {0} has already ended")]
+    AlreadyEnded(String),
+}
+
+/// LiveKit's SIP service rings this long when the trunk does not say (livekit/sip
+/// `defaultRingingTimeout`).
+const DEFAULT_RINGING_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The call as a dispatch rule places it (protocol `sip/sip.go` `EvaluateDispatchRule`).
+struct Placement {
+    room_name: String,
+    identity: String,
+    name: String,
+    metadata: String,
+    attributes: HashMap<String, String>,
+}
+
+fn evaluate(
+    trunk: Option<&proto::SipInboundTrunkInfo>,
+    rule: &proto::SipDispatchRuleInfo,
+    call_id: &str,
+    from: &str,
+    to: &str,
+) -> Placement {
+    use proto::sip_dispatch_rule::Rule;
+    let mut attributes = rule.attributes.clone();
+    attributes.insert("sip.callID".into(), call_id.to_owned());
+    attributes.insert(
+        "sip.trunkID".into(),
+        trunk.map(|t| t.sip_trunk_id.clone()).unwrap_or_default(),
+    );
+    let (identity, shown) = if rule.hide_phone_number {
+        let digest = Sha256::digest(from.as_bytes());
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let keep = if from.chars().count() <= 4 { 1 } else { 4 };
+        let tail: String = from
+            .chars()
+            .rev()
+            .take(keep)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        (format!("sip_{hex}"), tail)
+    } else {
+        attributes.insert("sip.phoneNumber".into(), from.to_owned());
+        attributes.insert("sip.hostname".into(), "pstn.emulator.invalid".into());
+        attributes.insert("sip.trunkPhoneNumber".into(), to.to_owned());
+        (format!("sip_{from}"), from.to_owned())
+    };
+    let with_prefix = |prefix: &str, base: &str| {
+        if prefix.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{prefix}_{base}")
+        }
+    };
+    let room_name = match rule.rule.as_ref().and_then(|r| r.rule.as_ref()) {
+        Some(Rule::DispatchRuleDirect(r)) => r.room_name.clone(),
+        Some(Rule::DispatchRuleIndividual(r)) => {
+            let room = with_prefix(&r.room_prefix, &shown);
+            if r.no_randomness {
+                room
+            } else {
+                format!("{room}_{}", guid(""))
+            }
+        }
+        Some(Rule::DispatchRuleCallee(r)) => {
+            let room = with_prefix(&r.room_prefix, to);
+            if r.randomize {
+                format!("{room}_{}", guid(""))
+            } else {
+                room
+            }
+        }
+        None => String::new(),
+    };
+    attributes.insert("sip.ruleID".into(), rule.sip_dispatch_rule_id.clone());
+    Placement {
+        room_name,
+        identity,
+        name: format!("Phone {shown}"),
+        metadata: rule.metadata.clone(),
+        attributes,
+    }
+}
+
+fn record_call(emu: &Emulator, call: &InboundCallResult) {
+    emu.inner.inbound_calls.lock().push(call.clone());
+}
+
+fn update_call(emu: &Emulator, call_id: &str, f: impl FnOnce(&mut InboundCallResult)) {
+    if let Some(c) = emu
+        .inner
+        .inbound_calls
+        .lock()
+        .iter_mut()
+        .rev()
+        .find(|c| c.sip_call_id == call_id)
+    {
+        f(c);
+    }
+}
+
+/// Places an inbound call. With no inbound trunk and no dispatch rule at all, the
+/// request's own trunk, rule and room are used and the call is active at once (quick
+/// tests); otherwise the trunk and rule are chosen as livekit/sip chooses them.
 pub async fn inbound_call(emu: &Emulator, call: InboundCall) -> InboundCallResult {
+    let routed = {
+        let sip = emu.inner.sip.lock();
+        !(sip.inbound.is_empty() && sip.rules.is_empty())
+    };
+    let result = if routed {
+        routed_call(emu, &call)
+    } else {
+        direct_call(emu, &call)
+    };
+    if let (Some(after), true) = (call.hangup_after_ms, result.accepted) {
+        let emu = emu.clone();
+        let call_id = result.sip_call_id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            let _ = emu.hangup_inbound(&call_id);
+        });
+    }
+    result
+}
+
+fn new_result(call: &InboundCall, call_id: &str) -> InboundCallResult {
+    InboundCallResult {
+        sip_call_id: call_id.to_owned(),
+        from: call.from.clone(),
+        to: call.to.clone(),
+        trunk_id: None,
+        rule_id: None,
+        accepted: false,
+        status: InboundStatus::Rejected,
+        sip_status: None,
+        reason: None,
+        room_name: String::new(),
+        participant_identity: String::new(),
+        participant_sid: String::new(),
+        created_at_ms: now_ms(),
+        answered_at_ms: None,
+        ended_at_ms: None,
+    }
+}
+
+/// No SIP set-up at all: the request says which trunk, rule and room (as before).
+fn direct_call(emu: &Emulator, call: &InboundCall) -> InboundCallResult {
     let room_name = call
         .room_name
         .clone()
@@ -535,27 +732,229 @@ pub async fn inbound_call(emu: &Emulator, call: InboundCall) -> InboundCallResul
         String::new(),
         attributes,
     );
-    let sid = participant.sid.clone();
+    let mut result = new_result(call, &call_id);
+    result.trunk_id = Some(call.trunk_id.clone());
+    result.rule_id = Some(call.rule_id.clone());
+    result.accepted = true;
+    result.status = InboundStatus::Active;
+    result.sip_status = Some(200);
+    result.room_name = room_name.clone();
+    result.participant_identity = identity;
+    result.participant_sid = participant.sid.clone();
+    result.answered_at_ms = Some(result.created_at_ms);
+    record_call(emu, &result);
     emu.join(&room_name, participant);
-    if let Some(after) = call.hangup_after_ms {
-        let emu = emu.clone();
-        let (room, identity, sid) = (room_name.clone(), identity.clone(), sid.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(after)).await;
-            emu.set_attribute(&room, &sid, "sip.callStatus", "hangup");
-            emu.leave(
-                &room,
-                &identity,
-                proto::DisconnectReason::ClientInitiated,
-                Some(&sid),
-            );
-        });
+    result
+}
+
+fn routed_call(emu: &Emulator, call: &InboundCall) -> InboundCallResult {
+    let call_id = guid("SCL_");
+    let mut result = new_result(call, &call_id);
+    let chosen = {
+        let sip = emu.inner.sip.lock();
+        sip.match_trunk(&call.from, &call.to).map(|trunk| {
+            let rule = sip.match_rule(trunk.as_ref(), &call.from, &call.to);
+            (trunk, rule)
+        })
+    };
+    let (trunk, rule) = match chosen {
+        Ok(found) => found,
+        Err(_) => {
+            // Dispatch evaluation failed: livekit/sip answers 503 "Try again later".
+            result.sip_status = Some(503);
+            result.reason = Some("trunk_conflict".into());
+            result.ended_at_ms = Some(result.created_at_ms);
+            record_call(emu, &result);
+            return result;
+        }
+    };
+    result.trunk_id = trunk.as_ref().map(|t| t.sip_trunk_id.clone());
+    let Some(rule) = rule else {
+        // No rule matched: the server answers DROP and livekit/sip rejects the call as an
+        // inbound flood (486); nothing joins any room.
+        result.sip_status = Some(486);
+        result.reason = Some("no_dispatch_rule".into());
+        result.ended_at_ms = Some(result.created_at_ms);
+        record_call(emu, &result);
+        return result;
+    };
+    result.rule_id = Some(rule.sip_dispatch_rule_id.clone());
+    if crate::sip_admin::pin_and_room(&rule).is_some_and(|(_, pin)| !pin.is_empty()) {
+        // A PIN prompt needs DTMF from the caller, which the emulator does not play.
+        result.sip_status = Some(486);
+        result.reason = Some("pin_required".into());
+        result.ended_at_ms = Some(result.created_at_ms);
+        record_call(emu, &result);
+        return result;
     }
-    InboundCallResult {
-        room_name,
-        participant_identity: identity,
-        participant_sid: sid,
-        sip_call_id: call_id,
+    let placement = evaluate(trunk.as_ref(), &rule, &call_id, &call.from, &call.to);
+    let mut attributes = placement.attributes;
+    attributes.insert(
+        "sip.callIDFull".into(),
+        format!("{}@emulator.invalid", guid("")),
+    );
+    attributes.insert("sip.callStatus".into(), "ringing".into());
+
+    // The caller's join token carries the rule's room_config, applied only if this join
+    // creates the room (then its agents are dispatched).
+    let config = rule.room_config.clone().unwrap_or_default();
+    let created = !emu.inner.rooms.lock().contains_key(&placement.room_name);
+    emu.upsert_room(&proto::CreateRoomRequest {
+        name: placement.room_name.clone(),
+        empty_timeout: config.empty_timeout,
+        departure_timeout: config.departure_timeout,
+        max_participants: config.max_participants,
+        metadata: config.metadata.clone(),
+        ..Default::default()
+    });
+    if created {
+        for agent in config.agents {
+            emu.add_dispatch(
+                &placement.room_name,
+                agent,
+                crate::agents::DispatchSource::Rule,
+            );
+        }
+    }
+    let participant = sip_participant(
+        placement.identity.clone(),
+        placement.name,
+        placement.metadata,
+        attributes,
+    );
+    result.accepted = true;
+    result.status = InboundStatus::Ringing;
+    result.room_name = placement.room_name.clone();
+    result.participant_identity = placement.identity.clone();
+    result.participant_sid = participant.sid.clone();
+    record_call(emu, &result);
+    emu.join(&placement.room_name, participant);
+
+    let ringing_timeout = trunk
+        .as_ref()
+        .and_then(|t| duration_of(&t.ringing_timeout))
+        .unwrap_or(DEFAULT_RINGING_TIMEOUT);
+    tokio::spawn(ring(
+        emu.clone(),
+        placement.room_name,
+        placement.identity,
+        result.participant_sid.clone(),
+        call_id,
+        ringing_timeout,
+    ));
+    result
+}
+
+/// Rings until someone else is in the room (LiveKit answers once the caller's track is
+/// subscribed), the caller is gone, or the trunk's ringing timeout passes: then livekit/sip
+/// ends the call (486 to the caller) and the participant leaves with no callStatus change.
+async fn ring(
+    emu: Emulator,
+    room: String,
+    identity: String,
+    sid: String,
+    call_id: String,
+    timeout: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let changed = emu.inner.participants_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let (caller_here, answered) = {
+            let rooms = emu.inner.rooms.lock();
+            match rooms.get(&room) {
+                None => (false, false),
+                Some(r) => (
+                    r.participants.iter().any(|p| p.sid == sid),
+                    r.participants.iter().any(|p| p.sid != sid),
+                ),
+            }
+        };
+        if !caller_here {
+            return;
+        }
+        if answered {
+            emu.set_attribute(&room, &sid, "sip.callStatus", "active");
+            update_call(&emu, &call_id, |c| {
+                if c.status == InboundStatus::Ringing {
+                    c.status = InboundStatus::Active;
+                    c.sip_status = Some(200);
+                    c.answered_at_ms = Some(now_ms());
+                }
+            });
+            return;
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                update_call(&emu, &call_id, |c| {
+                    c.status = InboundStatus::Ended;
+                    c.sip_status = Some(486);
+                    c.reason = Some("ringing_timeout".into());
+                    c.ended_at_ms = Some(now_ms());
+                });
+                // A dropped call has no disconnect reason of its own; the server turns an
+                // unknown leave reason into CLIENT_INITIATED.
+                emu.leave(&room, &identity, proto::DisconnectReason::ClientInitiated, Some(&sid));
+                return;
+            }
+        }
+    }
+}
+
+impl Emulator {
+    /// Every inbound call so far, oldest first.
+    pub fn inbound_calls(&self) -> Vec<InboundCallResult> {
+        self.inner.inbound_calls.lock().clone()
+    }
+
+    /// The caller hangs up (a BYE, or CANCEL while ringing): `sip.callStatus` becomes
+    /// `hangup` and the participant leaves with CLIENT_INITIATED.
+    pub fn hangup_inbound(&self, sip_call_id: &str) -> Result<(), HangupError> {
+        let found = self
+            .inner
+            .inbound_calls
+            .lock()
+            .iter()
+            .rev()
+            .find(|c| c.sip_call_id == sip_call_id)
+            .cloned();
+        let Some(call) = found else {
+            return Err(HangupError::NotFound(sip_call_id.to_owned()));
+        };
+        if !matches!(call.status, InboundStatus::Ringing | InboundStatus::Active) {
+            return Err(HangupError::AlreadyEnded(sip_call_id.to_owned()));
+        }
+        update_call(self, sip_call_id, |c| {
+            c.status = InboundStatus::Ended;
+            c.reason = Some("caller_hangup".into());
+            c.ended_at_ms = Some(now_ms());
+        });
+        self.set_attribute(
+            &call.room_name,
+            &call.participant_sid,
+            "sip.callStatus",
+            "hangup",
+        );
+        self.leave(
+            &call.room_name,
+            &call.participant_identity,
+            proto::DisconnectReason::ClientInitiated,
+            Some(&call.participant_sid),
+        );
+        Ok(())
+    }
+
+    /// A caller left for another reason (removed, room deleted or closed): its call ends.
+    pub(crate) fn inbound_caller_left(&self, sip_call_id: &str, reason: proto::DisconnectReason) {
+        update_call(self, sip_call_id, |c| {
+            if matches!(c.status, InboundStatus::Ringing | InboundStatus::Active) {
+                c.status = InboundStatus::Ended;
+                c.reason = Some(reason.as_str_name().to_ascii_lowercase());
+                c.ended_at_ms = Some(now_ms());
+            }
+        });
     }
 }
 

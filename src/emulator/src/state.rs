@@ -9,9 +9,11 @@ use livekit_protocol as proto;
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use crate::agents::DispatchRecord;
 use crate::faults::Faults;
 use crate::ids::{guid, now_ms, now_s};
-use crate::sip::CallScript;
+use crate::sip::{CallScript, InboundCallResult};
+use crate::sip_admin::SipStore;
 use crate::webhooks::WebhookSender;
 use crate::{Emulator, EmulatorConfig};
 
@@ -124,8 +126,19 @@ pub struct Room {
 
 pub struct Inner {
     pub config: EmulatorConfig,
-    pub self_url: Mutex<String>,
+    /// `http://<addr>` of each region's listener, primary first.
+    pub region_urls: Mutex<Vec<String>>,
     pub rooms: Mutex<HashMap<String, Room>>,
+    /// SIP trunks and dispatch rules.
+    pub sip: Mutex<SipStore>,
+    /// Every agent dispatch ever created (API or rule), oldest first.
+    pub dispatch_log: Mutex<Vec<DispatchRecord>>,
+    /// Per agent name: how long its worker takes to join (`None`: it never does).
+    pub agent_delays: Mutex<HashMap<String, Option<Duration>>>,
+    /// Every simulated inbound call, oldest first.
+    pub inbound_calls: Mutex<Vec<InboundCallResult>>,
+    /// Signalled whenever a participant joins or leaves a room (ringing callers wait on it).
+    pub participants_changed: tokio::sync::Notify,
     pub records: Mutex<Records>,
     pub scripts: Mutex<HashMap<String, CallScript>>,
     pub faults: Mutex<Faults>,
@@ -134,6 +147,25 @@ pub struct Inner {
     pub webhook_urls: Mutex<Vec<String>>,
     pub webhooks: WebhookSender,
     pub seq: AtomicU64,
+}
+
+/// The SIP store at start: the configured outbound trunks, so tests and dev mode can dial
+/// through the trunk ids they use.
+fn seeded_sip(config: &EmulatorConfig) -> SipStore {
+    let mut store = SipStore::default();
+    for id in &config.outbound_trunks {
+        store.outbound.insert(
+            id.clone(),
+            proto::SipOutboundTrunkInfo {
+                sip_trunk_id: id.clone(),
+                name: "seeded by EmulatorConfig".into(),
+                address: "sip.emulator.invalid".into(),
+                numbers: vec!["+15105550100".into()],
+                ..Default::default()
+            },
+        );
+    }
+    store
 }
 
 /// The configured webhook URLs, each once.
@@ -150,11 +182,17 @@ fn configured_urls(config: &EmulatorConfig) -> Vec<String> {
 impl Inner {
     pub fn new(config: EmulatorConfig) -> Arc<Self> {
         let urls = configured_urls(&config);
+        let sip = seeded_sip(&config);
         Arc::new(Self {
             webhooks: WebhookSender::new(),
             config,
-            self_url: Mutex::new(String::new()),
+            region_urls: Mutex::new(Vec::new()),
             rooms: Mutex::new(HashMap::new()),
+            sip: Mutex::new(sip),
+            dispatch_log: Mutex::new(Vec::new()),
+            agent_delays: Mutex::new(HashMap::new()),
+            inbound_calls: Mutex::new(Vec::new()),
+            participants_changed: tokio::sync::Notify::new(),
             records: Mutex::new(Records::default()),
             scripts: Mutex::new(HashMap::new()),
             faults: Mutex::new(Faults::default()),
@@ -164,8 +202,8 @@ impl Inner {
         })
     }
 
-    pub fn set_self_url(&self, url: String) {
-        *self.self_url.lock() = url;
+    pub fn set_region_urls(&self, urls: Vec<String>) {
+        *self.region_urls.lock() = urls;
     }
 
     pub fn next_seq(&self) -> u64 {
@@ -176,6 +214,10 @@ impl Inner {
     /// configured webhook URLs (those added at run time are forgotten).
     pub fn reset(&self) {
         self.rooms.lock().clear();
+        *self.sip.lock() = seeded_sip(&self.config);
+        self.dispatch_log.lock().clear();
+        self.agent_delays.lock().clear();
+        self.inbound_calls.lock().clear();
         *self.records.lock() = Records::default();
         self.scripts.lock().clear();
         *self.webhook_urls.lock() = configured_urls(&self.config);
@@ -234,6 +276,17 @@ fn new_room(
         metadata: metadata.to_owned(),
         ..Default::default()
     }
+}
+
+/// Agents are "dependent" participants (livekit `pkg/rtc/room.go` `IsDependent`): they
+/// neither keep a room open nor count as someone in it.
+pub fn is_agent(p: &proto::ParticipantInfo) -> bool {
+    p.kind == proto::participant_info::Kind::Agent as i32
+}
+
+/// Whether a room holds anyone but agents.
+fn has_independent(participants: &[proto::ParticipantInfo]) -> bool {
+    participants.iter().any(|p| !is_agent(p))
 }
 
 /// Track events carry a room with only sid and name (livekit-facts §2).
@@ -339,7 +392,7 @@ impl Emulator {
             let Some(room) = rooms.get_mut(name) else {
                 return;
             };
-            if !room.participants.is_empty() {
+            if has_independent(&room.participants) {
                 return;
             }
             room.empty_epoch += 1;
@@ -354,7 +407,7 @@ impl Emulator {
                 .rooms
                 .lock()
                 .get(&name)
-                .is_some_and(|r| r.participants.is_empty() && r.empty_epoch == epoch);
+                .is_some_and(|r| !has_independent(&r.participants) && r.empty_epoch == epoch);
             if still_empty {
                 emu.close_room(&name, proto::DisconnectReason::RoomClosed);
             }
@@ -368,6 +421,7 @@ impl Emulator {
         };
         let mut events = Vec::new();
         for mut p in room.participants {
+            self.participant_gone(&p, reason);
             p.state = proto::participant_info::State::Disconnected as i32;
             p.disconnect_reason = reason as i32;
             events.push(PendingEvent {
@@ -386,7 +440,18 @@ impl Emulator {
             track: None,
         });
         self.emit(events);
+        self.inner.participants_changed.notify_waiters();
         true
+    }
+
+    /// Bookkeeping when a participant leaves: its dispatch record (agents) or its inbound
+    /// call record (SIP callers).
+    fn participant_gone(&self, p: &proto::ParticipantInfo, reason: proto::DisconnectReason) {
+        if is_agent(p) {
+            self.agent_left(&p.identity);
+        } else if let Some(call_id) = p.attributes.get("sip.callID") {
+            self.inbound_caller_left(call_id, reason);
+        }
     }
 
     /// Adds a participant; an existing one with the same identity is replaced
@@ -439,6 +504,7 @@ impl Emulator {
             }
         }
         self.emit(events);
+        self.inner.participants_changed.notify_waiters();
     }
 
     /// Removes a participant with `reason`: `participant_left` if it had connected,
@@ -481,7 +547,29 @@ impl Emulator {
         };
         let (event, p) = left;
         self.emit(vec![event]);
-        self.schedule_empty_close(room_name);
+        self.participant_gone(&p, reason);
+        self.inner.participants_changed.notify_waiters();
+        if !is_agent(&p) {
+            // The agents' sessions end with the last participant they serve (the agents SDK
+            // closes on the linked participant's disconnect): they leave right after.
+            let agents: Vec<String> = self
+                .inner
+                .rooms
+                .lock()
+                .get(room_name)
+                .filter(|r| !has_independent(&r.participants))
+                .map(|r| r.participants.iter().map(|a| a.identity.clone()).collect())
+                .unwrap_or_default();
+            for agent in agents {
+                self.leave(
+                    room_name,
+                    &agent,
+                    proto::DisconnectReason::ClientInitiated,
+                    None,
+                );
+            }
+            self.schedule_empty_close(room_name);
+        }
         Some(p)
     }
 

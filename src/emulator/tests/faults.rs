@@ -22,16 +22,22 @@ async fn start_with(config: EmulatorConfig) -> RunningEmulator {
 }
 
 async fn start() -> RunningEmulator {
-    start_with(EmulatorConfig::default()).await
+    start_with(EmulatorConfig {
+        outbound_trunks: vec!["ST_x".into()],
+        ..EmulatorConfig::default()
+    })
+    .await
 }
 
-/// A token with every grant the Twirp methods check.
-fn admin_token() -> String {
+/// A token with every grant the Twirp methods check, room-scoped grants for `room`
+/// (LiveKit's roomAdmin must name the request's room).
+fn admin_token_for(room: &str) -> String {
     AccessToken::with_api_key("devkey", "secret")
         .with_grants(VideoGrants {
             room_create: true,
             room_list: true,
             room_admin: true,
+            room: room.to_owned(),
             ..Default::default()
         })
         .with_sip_grants(SIPGrants {
@@ -40,6 +46,14 @@ fn admin_token() -> String {
         })
         .to_jwt()
         .expect("jwt")
+}
+
+/// The room a JSON request names (`room` or `roomName`), for its token.
+fn room_of(body: &Value) -> &str {
+    body.get("room")
+        .or_else(|| body.get("roomName"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
 }
 
 fn twirp_url(e: &RunningEmulator, service: &str, method: &str) -> String {
@@ -58,7 +72,10 @@ fn twirp(
     let mut request = client
         .post(twirp_url(e, service, method))
         .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {}", admin_token()))
+        .header(
+            "authorization",
+            format!("Bearer {}", admin_token_for(room_of(&body))),
+        )
         .body(body.to_string());
     if let Some(mock) = mock {
         request = request.header("x-lk-mock", mock.to_string());
@@ -73,12 +90,13 @@ fn dial_body(room: &str, identity: &str) -> Value {
 
 /// What a bare HTTP/1.1 client reads after sending a whole request (until EOF).
 async fn raw_exchange(e: &RunningEmulator, method: &str, body: Value, mock: Value) -> Vec<u8> {
+    let token = admin_token_for(room_of(&body));
     let body = body.to_string();
     let request = format!(
         "POST /twirp/livekit.SIP/{method} HTTP/1.1\r\nhost: emulator\r\n\
          content-type: application/json\r\nauthorization: Bearer {}\r\nx-lk-mock: {mock}\r\n\
          content-length: {}\r\n\r\n{body}",
-        admin_token(),
+        token,
         body.len()
     );
     let mut socket = tokio::net::TcpStream::connect(e.addr)
@@ -393,7 +411,7 @@ async fn a_method_fault_combines_with_star() {
 async fn records_say_rejected_or_executed() {
     let e = start().await;
     let http = reqwest::Client::new();
-    // No token: 401, rejected.
+    // No token: the grant check refuses it with a Twirp 401, rejected.
     let r = http
         .post(twirp_url(&e, "RoomService", "ListRooms"))
         .header("content-type", "application/json")
@@ -459,7 +477,7 @@ async fn records_say_rejected_or_executed() {
             (
                 "ListRooms".into(),
                 RequestOutcome::Rejected,
-                "http_401".into()
+                "unauthenticated".into()
             ),
             (
                 "CreateRoom".into(),
