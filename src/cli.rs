@@ -100,6 +100,9 @@ enum Command {
         #[arg(long, env = "CALLFLEET_EMULATOR_WEBHOOK_URLS", default_value = "")]
         webhook_urls: String,
     },
+    /// LiveKit SIP set-up: inbound and outbound trunks, dispatch rules, connect-number and
+    /// check (LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET).
+    Livekit(crate::livekit_cli::LivekitArgs),
     /// Inspect, replay or purge the dead-letter queue.
     DeadLetters {
         #[command(flatten)]
@@ -236,6 +239,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::DeadLetters { backend, action } => dead_letters(&backend, action).await,
+        Command::Livekit(args) => Ok(crate::livekit_cli::run(args).await?),
         Command::Ingress {
             backend,
             livekit,

@@ -2,6 +2,7 @@
 //! configuration → adapters → services → run until a signal.
 
 mod cli;
+mod livekit_cli;
 
 use clap::Parser;
 
@@ -21,7 +22,11 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // `callfleet livekit` documents finer exit codes for scripts.
+            match e.downcast_ref::<livekit_cli::Failure>() {
+                Some(failure) => std::process::ExitCode::from(failure.exit_code()),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }
