@@ -99,6 +99,10 @@ enum Command {
         /// Webhook URLs, comma-separated.
         #[arg(long, env = "CALLFLEET_EMULATOR_WEBHOOK_URLS", default_value = "")]
         webhook_urls: String,
+        /// Listeners, one per region (`region-0` on --addr, the others on free ports), as
+        /// LiveKit's SDK test server runs them, for SDK failover tests.
+        #[arg(long, env = "CALLFLEET_EMULATOR_REGIONS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+        regions: u8,
     },
     /// LiveKit SIP set-up: inbound and outbound trunks, dispatch rules, connect-number and
     /// check (LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET).
@@ -214,6 +218,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             addr,
             keys,
             webhook_urls,
+            regions,
         } => {
             let config = EmulatorConfig {
                 keys: parse_key_pairs("CALLFLEET_EMULATOR_KEYS", &keys)?,
@@ -223,6 +228,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                     .filter(|u| !u.is_empty())
                     .map(str::to_owned)
                     .collect(),
+                regions,
+                // Dev mode's trunk exists, so what dials it works against this emulator too.
+                outbound_trunks: vec![DEV_TRUNK.to_owned()],
                 ..Default::default()
             };
             anyhow::ensure!(
@@ -335,6 +343,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                             "http://{}/v1/livekit/webhook",
                             ingress.http_addr
                         )],
+                        // The trunk dev mode dials through exists in its emulator.
+                        outbound_trunks: livekit.livekit_sip_trunk_id.iter().cloned().collect(),
                         ..Default::default()
                     };
                     let running = Emulator::start(config, emulator_addr)

@@ -467,6 +467,7 @@ async fn end_to_end(workers: usize, calls: usize, latency_ms: u64) -> Result<(),
                     talk_ms: Some(500),
                     sip_status: None,
                 },
+                outbound_trunks: vec!["ST_bench".into()],
                 ..Default::default()
             },
             "127.0.0.1:0".parse()?,

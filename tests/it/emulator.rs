@@ -91,6 +91,7 @@ async fn start(webhook: Option<String>) -> RunningEmulator {
     let config = EmulatorConfig {
         webhook_urls: webhook.into_iter().collect(),
         webhook_retry_base: Duration::from_millis(50),
+        outbound_trunks: vec!["ST_x".into(), "ST_t".into(), "ST_trunk".into()],
         ..Default::default()
     };
     Emulator::start(config, "127.0.0.1:0".parse().expect("addr"))
@@ -603,7 +604,9 @@ async fn grants_are_enforced_per_method() {
         .expect_err("transfer also needs roomAdmin");
     assert_code(&err, "unauthenticated");
 
-    // A bad secret or a missing token: a plain-text 401, not a Twirp body.
+    // A missing token passes LiveKit's auth middleware without grants, so the method's
+    // grant check answers a Twirp 401 `unauthenticated`; a bad secret is the middleware's
+    // plain-text 401, not a Twirp body.
     let http = reqwest::Client::new();
     let resp = http
         .post(format!("{}/twirp/livekit.RoomService/ListRooms", e.url()))
@@ -613,11 +616,8 @@ async fn grants_are_enforced_per_method() {
         .await
         .expect("send");
     assert_eq!(resp.status(), 401);
-    assert!(resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|c| c.starts_with("text/plain")));
+    let body: Value = resp.json().await.expect("twirp json");
+    assert_eq!(body["code"], "unauthenticated");
     let forged = RoomClient::with_api_key(&e.url(), "devkey", "wrong-secret");
     let err = forged.list_rooms(vec![]).await.expect_err("bad signature");
     assert!(
@@ -650,6 +650,12 @@ async fn raw(
                         room_create: true,
                         room_list: true,
                         room_admin: true,
+                        // roomAdmin must name the request's room, as on LiveKit.
+                        room: ["room", "roomName", "room_name"]
+                            .iter()
+                            .find_map(|k| body.get(*k).and_then(Value::as_str))
+                            .unwrap_or("")
+                            .to_owned(),
                         ..Default::default()
                     },
                     grants
@@ -1090,8 +1096,8 @@ async fn json_responses_carry_unpopulated_fields() {
     e.shutdown().await;
 }
 
-/// Trunk and dispatch-rule CRUD needs the `sip.admin` grant (livekit-facts.md §4); with it
-/// the emulator answers like LiveKit's mock (empty messages), without it `unauthenticated`.
+/// Trunk and dispatch-rule CRUD needs the `sip.admin` grant (livekit-facts.md §4); without
+/// it `unauthenticated`.
 #[tokio::test]
 async fn sip_admin_grant_guards_trunk_and_dispatch_rule_crud() {
     use livekit_api::services::sip::{ListSIPDispatchRuleFilter, ListSIPInboundTrunkFilter};
@@ -1107,10 +1113,12 @@ async fn sip_admin_grant_guards_trunk_and_dispatch_rule_crud() {
         .list_sip_dispatch_rule(ListSIPDispatchRuleFilter::All)
         .await
         .expect("admin may list dispatch rules");
-    admin
+    // Past the grant, an unknown rule is LiveKit's `not_found`.
+    let err = admin
         .delete_sip_dispatch_rule("SDR_x")
         .await
-        .expect("admin may delete dispatch rules");
+        .expect_err("no such rule");
+    assert_code(&err, "not_found");
     // A token with only sip.call (and every video grant) is refused.
     let caller = SIPClient::with_token(
         &e.url(),

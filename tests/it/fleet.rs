@@ -65,6 +65,7 @@ impl Default for FleetOptions {
             workers: 1,
             emulator: EmulatorConfig {
                 webhook_retry_base: Duration::from_millis(50),
+                outbound_trunks: vec![TRUNK.into()],
                 ..EmulatorConfig::default()
             },
             broker: None,

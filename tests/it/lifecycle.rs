@@ -52,7 +52,10 @@ async fn readyz_reflects_real_dependencies_and_healthz_does_not() {
 #[tokio::test]
 async fn livekit_adapter_classifies_failures_from_the_wire() {
     let running = Emulator::start(
-        EmulatorConfig::default(),
+        EmulatorConfig {
+            outbound_trunks: vec!["ST_t".into()],
+            ..EmulatorConfig::default()
+        },
         "127.0.0.1:0".parse().expect("addr"),
     )
     .await
