@@ -118,8 +118,8 @@ struct InboundFields {
     /// Trunk metadata.
     #[arg(long)]
     metadata: Option<String>,
-    /// Numbers (DIDs) it accepts calls to, exactly as the carrier sends them (LiveKit
-    /// compares strings); none = any number. On update: replaces the list.
+    /// Numbers (DIDs) it accepts calls to, E.164 (+15105550100); none = any number. On
+    /// update: replaces the list.
     #[arg(long = "number", value_delimiter = ',')]
     numbers: Option<Vec<String>>,
     /// Addresses or CIDRs calls may come from; none = anywhere.
@@ -893,7 +893,7 @@ async fn inbound(ctx: &Ctx, action: InboundAction) -> Result<()> {
                 .map_err(ctx.lk())?;
             // Servers that ignore the filter return more: apply it here as LiveKit does.
             if let Some(n) = &number {
-                trunks.retain(|t| t.numbers.is_empty() || t.numbers.contains(n));
+                trunks.retain(|t| t.numbers.is_empty() || audit::lists(&t.numbers, n));
             }
             let json = Value::Array(trunks.iter().map(view::inbound_trunk_json).collect());
             ctx.print_table(
@@ -1047,7 +1047,7 @@ async fn rules(ctx: &Ctx, action: RuleAction) -> Result<()> {
                 rules.retain(|r| r.trunk_ids.is_empty() || r.trunk_ids.contains(t));
             }
             if let Some(n) = &number {
-                rules.retain(|r| r.numbers.is_empty() || r.numbers.contains(n));
+                rules.retain(|r| r.numbers.is_empty() || audit::lists(&r.numbers, n));
             }
             let json = Value::Array(rules.iter().map(view::rule_json).collect());
             ctx.print_table(json, view::rule_table(&rules), "no dispatch rules");
@@ -1294,7 +1294,15 @@ async fn connect_number(ctx: &Ctx, args: ConnectArgs) -> Result<()> {
     let region =
         parse_region(&args.region).map_err(|e| Failure::Usage(format!("--region: {e}")))?;
     let did = E164::parse(&args.number, Some(region))
-        .map_err(|e| Failure::Usage(format!("the number {e}")))?
+        .map_err(|e| {
+            let hint = e.to_string();
+            let hint = if hint.contains("E.164") {
+                String::new()
+            } else {
+                " (write it in E.164, e.g. +15105550100)".to_owned()
+            };
+            Failure::Usage(format!("the number `{}` {e}{hint}", args.number.trim()))
+        })?
         .as_str()
         .to_owned();
 

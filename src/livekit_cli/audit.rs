@@ -1,7 +1,8 @@
 //! What `check` and `connect-number` decide, as pure functions over LiveKit's trunks and
-//! rules (reference: livekit-sip-inbound.md §1–3). LiveKit matches numbers as exact
-//! strings; the mistakes looked for here are compared by digits, so `15105550100` written
-//! without its `+` is still recognised as the same number.
+//! rules (reference: livekit-sip-inbound.md §1–3). Numbers are compared by their digits:
+//! LiveKit's matching and its rule-conflict check normalise them the same way (protocol
+//! `sip.NormalizeNumber`: spaces, dashes and parentheses dropped, a `+` added), so
+//! `15105550100` and `+1 510 555 0100` are one number to it and here.
 
 use livekit_protocol as proto;
 use proto::sip_dispatch_rule::Rule;
@@ -31,7 +32,7 @@ pub fn same_number(a: &str, b: &str) -> bool {
     !a.is_empty() && a == b
 }
 
-fn lists(numbers: &[String], number: &str) -> bool {
+pub fn lists(numbers: &[String], number: &str) -> bool {
     numbers.iter().any(|n| same_number(n, number))
 }
 
@@ -170,7 +171,7 @@ pub fn check(
             // LiveKit picks the trunk by exact number; an empty list takes any number.
             let served = named
                 .iter()
-                .any(|t| t.numbers.is_empty() || t.numbers.contains(number));
+                .any(|t| t.numbers.is_empty() || lists(&t.numbers, number));
             if !served {
                 problems.push(Problem {
                     kind: "number_without_trunk",
@@ -278,21 +279,17 @@ pub fn plan_trunk(
             .find(|t| t.sip_trunk_id == id)
             .ok_or_else(|| PlanError::NoSuchTrunk(id.to_owned()))?;
         // An empty list takes every number: adding one would narrow it to that number.
-        return Ok(
-            if trunk.numbers.is_empty() || trunk.numbers.iter().any(|n| n == did) {
-                TrunkStep::Reuse {
-                    id: id.to_owned(),
-                    any_number: trunk.numbers.is_empty(),
-                }
-            } else {
-                TrunkStep::AddNumber { id: id.to_owned() }
-            },
-        );
+        return Ok(if trunk.numbers.is_empty() || lists(&trunk.numbers, did) {
+            TrunkStep::Reuse {
+                id: id.to_owned(),
+                any_number: trunk.numbers.is_empty(),
+            }
+        } else {
+            TrunkStep::AddNumber { id: id.to_owned() }
+        });
     }
-    let serving: Vec<&proto::SipInboundTrunkInfo> = trunks
-        .iter()
-        .filter(|t| t.numbers.iter().any(|n| n == did))
-        .collect();
+    let serving: Vec<&proto::SipInboundTrunkInfo> =
+        trunks.iter().filter(|t| lists(&t.numbers, did)).collect();
     match serving.as_slice() {
         [] => Ok(TrunkStep::Create),
         [one] => Ok(TrunkStep::Reuse {
@@ -326,7 +323,7 @@ pub enum RuleStep {
 }
 
 pub fn plan_rule(did: &str, trunk_id: &str, rules: &[proto::SipDispatchRuleInfo]) -> RuleStep {
-    let on_number = |r: &&proto::SipDispatchRuleInfo| r.numbers.iter().any(|n| n == did);
+    let on_number = |r: &&proto::SipDispatchRuleInfo| lists(&r.numbers, did);
     let for_trunk = |r: &&proto::SipDispatchRuleInfo| r.trunk_ids.iter().any(|t| t == trunk_id);
     // A rule naming the trunk beats a wildcard one, so reuse that first.
     let reuse = rules

@@ -13,6 +13,7 @@ mod fleet;
 mod harness;
 mod inbound;
 mod lifecycle;
+mod livekit_cli;
 mod lost_answers;
 mod outbound;
 mod readme;
