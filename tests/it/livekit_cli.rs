@@ -677,3 +677,38 @@ async fn connect_number_adds_the_number_to_a_routing_profile() {
     assert_eq!(answer["changed"], false);
     fleet.stop().await;
 }
+
+/// The README's set-up examples, pasted as a user would, against an emulator in place of
+/// dev mode's (only the address and `cargo run` swapped for the built binary).
+#[tokio::test]
+async fn the_readme_set_up_examples_run_as_written() {
+    const README: &str = include_str!("../../README.md");
+    let heading = "### LiveKit SIP set-up";
+    let start = README.find(heading).expect("README has the section");
+    let section = &README[start + heading.len()..];
+    let section = &section[..section.find("\n### ").unwrap_or(section.len())];
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a sh block");
+    assert!(block.contains("http://127.0.0.1:7880"), "{block}");
+    let e = emulator().await;
+    let script = block
+        .replace("http://127.0.0.1:7880", &e.url())
+        .replace("cargo run -q --", env!("CARGO_BIN_EXE_callfleet"));
+    let out = tokio::process::Command::new("bash")
+        .args(["-e", "-c", &script])
+        .env("CALLFLEET_LOG", "warn")
+        .env_remove("LIVEKIT_SIP_HOST")
+        .output()
+        .await
+        .expect("bash");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert!(said.contains("\"changed\": false"), "{said}");
+    assert!(said.contains("sip:+15105550142@127.0.0.1"), "{said}");
+    assert!(said.contains("no problems"), "{said}");
+    assert_eq!(e.emulator.requests_of("CreateSIPDispatchRule").len(), 1);
+    e.shutdown().await;
+}
