@@ -70,6 +70,36 @@ pub(crate) static MESSAGES: &[(&str, &[Field])] = &[
         ],
     ),
     (
+        "AutoParticipantEgress",
+        &[
+            Field {
+                name: "file_outputs",
+                zero: Zero::List,
+                message: Some("EncodedFileOutput"),
+            },
+            Field {
+                name: "segment_outputs",
+                zero: Zero::List,
+                message: Some("SegmentedFileOutput"),
+            },
+        ],
+    ),
+    (
+        "AutoTrackEgress",
+        &[
+            Field {
+                name: "filepath",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "disable_manifest",
+                zero: Zero::False,
+                message: None,
+            },
+        ],
+    ),
+    (
         "Codec",
         &[
             Field {
@@ -137,6 +167,97 @@ pub(crate) static MESSAGES: &[(&str, &[Field])] = &[
         ],
     ),
     ("DeleteRoomResponse", &[]),
+    (
+        "EncodedFileOutput",
+        &[
+            Field {
+                name: "file_type",
+                zero: Zero::Enum("DEFAULT_FILETYPE"),
+                message: None,
+            },
+            Field {
+                name: "filepath",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "disable_manifest",
+                zero: Zero::False,
+                message: None,
+            },
+        ],
+    ),
+    (
+        "FilterParams",
+        &[
+            Field {
+                name: "include_events",
+                zero: Zero::List,
+                message: None,
+            },
+            Field {
+                name: "exclude_events",
+                zero: Zero::List,
+                message: None,
+            },
+        ],
+    ),
+    (
+        "GetSipInboundTrunkResponse",
+        &[Field {
+            name: "trunk",
+            zero: Zero::Null,
+            message: Some("SipInboundTrunkInfo"),
+        }],
+    ),
+    (
+        "GetSipOutboundTrunkResponse",
+        &[Field {
+            name: "trunk",
+            zero: Zero::Null,
+            message: Some("SipOutboundTrunkInfo"),
+        }],
+    ),
+    (
+        "ImageOutput",
+        &[
+            Field {
+                name: "capture_interval",
+                zero: Zero::Number,
+                message: None,
+            },
+            Field {
+                name: "width",
+                zero: Zero::Number,
+                message: None,
+            },
+            Field {
+                name: "height",
+                zero: Zero::Number,
+                message: None,
+            },
+            Field {
+                name: "filename_prefix",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "filename_suffix",
+                zero: Zero::Enum("IMAGE_SUFFIX_INDEX"),
+                message: None,
+            },
+            Field {
+                name: "image_codec",
+                zero: Zero::Enum("IC_DEFAULT"),
+                message: None,
+            },
+            Field {
+                name: "disable_manifest",
+                zero: Zero::False,
+                message: None,
+            },
+        ],
+    ),
     (
         "Job",
         &[
@@ -274,6 +395,30 @@ pub(crate) static MESSAGES: &[(&str, &[Field])] = &[
             name: "rooms",
             zero: Zero::List,
             message: Some("Room"),
+        }],
+    ),
+    (
+        "ListSipDispatchRuleResponse",
+        &[Field {
+            name: "items",
+            zero: Zero::List,
+            message: Some("SipDispatchRuleInfo"),
+        }],
+    ),
+    (
+        "ListSipInboundTrunkResponse",
+        &[Field {
+            name: "items",
+            zero: Zero::List,
+            message: Some("SipInboundTrunkInfo"),
+        }],
+    ),
+    (
+        "ListSipOutboundTrunkResponse",
+        &[Field {
+            name: "items",
+            zero: Zero::List,
+            message: Some("SipOutboundTrunkInfo"),
         }],
     ),
     (
@@ -508,6 +653,216 @@ pub(crate) static MESSAGES: &[(&str, &[Field])] = &[
         ],
     ),
     (
+        "RoomAgentDispatch",
+        &[
+            Field {
+                name: "agent_name",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "metadata",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "restart_policy",
+                zero: Zero::Enum("JRP_ON_FAILURE"),
+                message: None,
+            },
+            Field {
+                name: "deployment",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "attributes",
+                zero: Zero::Map,
+                message: None,
+            },
+        ],
+    ),
+    (
+        "RoomCompositeEgressRequest",
+        &[
+            Field {
+                name: "room_name",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "layout",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "audio_only",
+                zero: Zero::False,
+                message: None,
+            },
+            Field {
+                name: "audio_mixing",
+                zero: Zero::Enum("DEFAULT_MIXING"),
+                message: None,
+            },
+            Field {
+                name: "video_only",
+                zero: Zero::False,
+                message: None,
+            },
+            Field {
+                name: "custom_base_url",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "file_outputs",
+                zero: Zero::List,
+                message: Some("EncodedFileOutput"),
+            },
+            Field {
+                name: "stream_outputs",
+                zero: Zero::List,
+                message: Some("StreamOutput"),
+            },
+            Field {
+                name: "segment_outputs",
+                zero: Zero::List,
+                message: Some("SegmentedFileOutput"),
+            },
+            Field {
+                name: "image_outputs",
+                zero: Zero::List,
+                message: Some("ImageOutput"),
+            },
+            Field {
+                name: "webhooks",
+                zero: Zero::List,
+                message: Some("WebhookConfig"),
+            },
+        ],
+    ),
+    (
+        "RoomConfiguration",
+        &[
+            Field {
+                name: "name",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "empty_timeout",
+                zero: Zero::Number,
+                message: None,
+            },
+            Field {
+                name: "departure_timeout",
+                zero: Zero::Number,
+                message: None,
+            },
+            Field {
+                name: "max_participants",
+                zero: Zero::Number,
+                message: None,
+            },
+            Field {
+                name: "metadata",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "egress",
+                zero: Zero::Null,
+                message: Some("RoomEgress"),
+            },
+            Field {
+                name: "min_playout_delay",
+                zero: Zero::Number,
+                message: None,
+            },
+            Field {
+                name: "max_playout_delay",
+                zero: Zero::Number,
+                message: None,
+            },
+            Field {
+                name: "sync_streams",
+                zero: Zero::False,
+                message: None,
+            },
+            Field {
+                name: "agents",
+                zero: Zero::List,
+                message: Some("RoomAgentDispatch"),
+            },
+            Field {
+                name: "tags",
+                zero: Zero::Map,
+                message: None,
+            },
+        ],
+    ),
+    (
+        "RoomEgress",
+        &[
+            Field {
+                name: "room",
+                zero: Zero::Null,
+                message: Some("RoomCompositeEgressRequest"),
+            },
+            Field {
+                name: "participant",
+                zero: Zero::Null,
+                message: Some("AutoParticipantEgress"),
+            },
+            Field {
+                name: "tracks",
+                zero: Zero::Null,
+                message: Some("AutoTrackEgress"),
+            },
+        ],
+    ),
+    (
+        "SegmentedFileOutput",
+        &[
+            Field {
+                name: "protocol",
+                zero: Zero::Enum("DEFAULT_SEGMENTED_FILE_PROTOCOL"),
+                message: None,
+            },
+            Field {
+                name: "filename_prefix",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "playlist_name",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "live_playlist_name",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "segment_duration",
+                zero: Zero::Number,
+                message: None,
+            },
+            Field {
+                name: "filename_suffix",
+                zero: Zero::Enum("INDEX"),
+                message: None,
+            },
+            Field {
+                name: "disable_manifest",
+                zero: Zero::False,
+                message: None,
+            },
+        ],
+    ),
+    (
         "SimulcastCodecInfo",
         &[
             Field {
@@ -543,6 +898,337 @@ pub(crate) static MESSAGES: &[(&str, &[Field])] = &[
         ],
     ),
     (
+        "SipCodec",
+        &[
+            Field {
+                name: "name",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "rate",
+                zero: Zero::Number,
+                message: None,
+            },
+        ],
+    ),
+    ("SipDispatchRule", &[]),
+    (
+        "SipDispatchRuleInfo",
+        &[
+            Field {
+                name: "sip_dispatch_rule_id",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "rule",
+                zero: Zero::Null,
+                message: Some("SipDispatchRule"),
+            },
+            Field {
+                name: "trunk_ids",
+                zero: Zero::List,
+                message: None,
+            },
+            Field {
+                name: "hide_phone_number",
+                zero: Zero::False,
+                message: None,
+            },
+            Field {
+                name: "inbound_numbers",
+                zero: Zero::List,
+                message: None,
+            },
+            Field {
+                name: "numbers",
+                zero: Zero::List,
+                message: None,
+            },
+            Field {
+                name: "name",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "metadata",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "attributes",
+                zero: Zero::Map,
+                message: None,
+            },
+            Field {
+                name: "room_preset",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "room_config",
+                zero: Zero::Null,
+                message: Some("RoomConfiguration"),
+            },
+            Field {
+                name: "media",
+                zero: Zero::Null,
+                message: Some("SipMediaConfig"),
+            },
+            Field {
+                name: "krisp_enabled",
+                zero: Zero::False,
+                message: None,
+            },
+            Field {
+                name: "media_encryption",
+                zero: Zero::Enum("SIP_MEDIA_ENCRYPT_DISABLE"),
+                message: None,
+            },
+            Field {
+                name: "created_at",
+                zero: Zero::Null,
+                message: None,
+            },
+            Field {
+                name: "updated_at",
+                zero: Zero::Null,
+                message: None,
+            },
+        ],
+    ),
+    (
+        "SipInboundTrunkInfo",
+        &[
+            Field {
+                name: "sip_trunk_id",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "name",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "metadata",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "numbers",
+                zero: Zero::List,
+                message: None,
+            },
+            Field {
+                name: "allowed_addresses",
+                zero: Zero::List,
+                message: None,
+            },
+            Field {
+                name: "allowed_numbers",
+                zero: Zero::List,
+                message: None,
+            },
+            Field {
+                name: "auth_username",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "auth_password",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "auth_realm",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "headers",
+                zero: Zero::Map,
+                message: None,
+            },
+            Field {
+                name: "headers_to_attributes",
+                zero: Zero::Map,
+                message: None,
+            },
+            Field {
+                name: "attributes_to_headers",
+                zero: Zero::Map,
+                message: None,
+            },
+            Field {
+                name: "include_headers",
+                zero: Zero::Enum("SIP_NO_HEADERS"),
+                message: None,
+            },
+            Field {
+                name: "ringing_timeout",
+                zero: Zero::Null,
+                message: None,
+            },
+            Field {
+                name: "ringing_timeout_status",
+                zero: Zero::Enum("SIP_STATUS_UNKNOWN"),
+                message: None,
+            },
+            Field {
+                name: "max_call_duration",
+                zero: Zero::Null,
+                message: None,
+            },
+            Field {
+                name: "krisp_enabled",
+                zero: Zero::False,
+                message: None,
+            },
+            Field {
+                name: "media_encryption",
+                zero: Zero::Enum("SIP_MEDIA_ENCRYPT_DISABLE"),
+                message: None,
+            },
+            Field {
+                name: "media",
+                zero: Zero::Null,
+                message: Some("SipMediaConfig"),
+            },
+            Field {
+                name: "created_at",
+                zero: Zero::Null,
+                message: None,
+            },
+            Field {
+                name: "updated_at",
+                zero: Zero::Null,
+                message: None,
+            },
+        ],
+    ),
+    (
+        "SipMediaConfig",
+        &[
+            Field {
+                name: "only_listed_codecs",
+                zero: Zero::False,
+                message: None,
+            },
+            Field {
+                name: "codecs",
+                zero: Zero::List,
+                message: Some("SipCodec"),
+            },
+            Field {
+                name: "encryption",
+                zero: Zero::Enum("SIP_MEDIA_ENCRYPT_DISABLE"),
+                message: None,
+            },
+            Field {
+                name: "media_timeout",
+                zero: Zero::Null,
+                message: None,
+            },
+        ],
+    ),
+    (
+        "SipOutboundTrunkInfo",
+        &[
+            Field {
+                name: "sip_trunk_id",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "name",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "metadata",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "address",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "destination_country",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "transport",
+                zero: Zero::Enum("SIP_TRANSPORT_AUTO"),
+                message: None,
+            },
+            Field {
+                name: "numbers",
+                zero: Zero::List,
+                message: None,
+            },
+            Field {
+                name: "auth_username",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "auth_password",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "headers",
+                zero: Zero::Map,
+                message: None,
+            },
+            Field {
+                name: "headers_to_attributes",
+                zero: Zero::Map,
+                message: None,
+            },
+            Field {
+                name: "attributes_to_headers",
+                zero: Zero::Map,
+                message: None,
+            },
+            Field {
+                name: "include_headers",
+                zero: Zero::Enum("SIP_NO_HEADERS"),
+                message: None,
+            },
+            Field {
+                name: "media_encryption",
+                zero: Zero::Enum("SIP_MEDIA_ENCRYPT_DISABLE"),
+                message: None,
+            },
+            Field {
+                name: "media",
+                zero: Zero::Null,
+                message: Some("SipMediaConfig"),
+            },
+            Field {
+                name: "from_host",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "created_at",
+                zero: Zero::Null,
+                message: None,
+            },
+            Field {
+                name: "updated_at",
+                zero: Zero::Null,
+                message: None,
+            },
+        ],
+    ),
+    (
         "SipParticipantInfo",
         &[
             Field {
@@ -563,6 +1249,96 @@ pub(crate) static MESSAGES: &[(&str, &[Field])] = &[
             Field {
                 name: "sip_call_id",
                 zero: Zero::Str,
+                message: None,
+            },
+        ],
+    ),
+    (
+        "SipTrunkInfo",
+        &[
+            Field {
+                name: "sip_trunk_id",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "kind",
+                zero: Zero::Enum("TRUNK_LEGACY"),
+                message: None,
+            },
+            Field {
+                name: "inbound_addresses",
+                zero: Zero::List,
+                message: None,
+            },
+            Field {
+                name: "outbound_address",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "outbound_number",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "transport",
+                zero: Zero::Enum("SIP_TRANSPORT_AUTO"),
+                message: None,
+            },
+            Field {
+                name: "inbound_numbers_regex",
+                zero: Zero::List,
+                message: None,
+            },
+            Field {
+                name: "inbound_numbers",
+                zero: Zero::List,
+                message: None,
+            },
+            Field {
+                name: "inbound_username",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "inbound_password",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "outbound_username",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "outbound_password",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "name",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "metadata",
+                zero: Zero::Str,
+                message: None,
+            },
+        ],
+    ),
+    (
+        "StreamOutput",
+        &[
+            Field {
+                name: "protocol",
+                zero: Zero::Enum("DEFAULT_PROTOCOL"),
+                message: None,
+            },
+            Field {
+                name: "urls",
+                zero: Zero::List,
                 message: None,
             },
         ],
@@ -734,6 +1510,26 @@ pub(crate) static MESSAGES: &[(&str, &[Field])] = &[
                 name: "repair_ssrc",
                 zero: Zero::Number,
                 message: None,
+            },
+        ],
+    ),
+    (
+        "WebhookConfig",
+        &[
+            Field {
+                name: "url",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "signing_key",
+                zero: Zero::Str,
+                message: None,
+            },
+            Field {
+                name: "filter_params",
+                zero: Zero::Null,
+                message: Some("FilterParams"),
             },
         ],
     ),
