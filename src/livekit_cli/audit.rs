@@ -566,7 +566,7 @@ mod tests {
         assert_eq!(plan_rule(DID, "ST_b", &[cf]), RuleStep::Create);
         let agent = with_agent(rule("SDR_agent", &["ST_a"], &[DID]));
         assert!(matches!(
-            plan_rule(DID, "ST_a", &[agent.clone()]),
+            plan_rule(DID, "ST_a", std::slice::from_ref(&agent)),
             RuleStep::Blocked { id, .. } if id == "SDR_agent"
         ));
         // A wildcard callfleet rule loses to a rule naming the trunk: not reusable.

@@ -334,7 +334,7 @@ async fn trunks_and_rules_round_trip_through_the_cli() {
         );
         let gone = lk(&e, &[noun, "get", id]).await;
         assert_eq!(code(&gone), 1, "{noun}: {}", stderr(&gone));
-        assert!(stderr(&gone).contains(&format!("no ")), "{}", stderr(&gone));
+        assert!(stderr(&gone).contains("no "), "{}", stderr(&gone));
         assert!(!stderr(&gone).contains("Twirp {"), "no debug formatting");
         let again = lk(&e, &[noun, "delete", id]).await;
         assert_eq!(code(&again), 1, "{}", stderr(&again));

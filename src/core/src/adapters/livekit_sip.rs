@@ -392,7 +392,7 @@ pub fn error_answer(status: u16, body: &[u8]) -> ApiFailure {
         403 => "permission_denied",
         404 => "bad_route",
         429 | 502 | 503 | 504 => "unavailable",
-        300..=399 | 400 => "internal",
+        300..=400 => "internal",
         _ => "unknown",
     };
     let text = String::from_utf8_lossy(body);
