@@ -74,3 +74,64 @@ async fn the_readme_examples_run_as_written() {
     assert!(stdout.contains("\"requests\""), "{stdout}");
     fleet.stop().await;
 }
+
+/// The inbound routing examples, pasted into a shell next to a fleet with the dev profile.
+#[tokio::test]
+async fn the_readme_routing_examples_run_as_written() {
+    let fleet = TestFleet::start(
+        "readme-routing",
+        FleetOptions {
+            default_profile: Some("dev-default".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    crate::inbound::create_profile(
+        &fleet,
+        serde_json::json!({"id": "dev-default", "name": "Dev default agent",
+                           "agent_name": "callfleet-agent", "numbers": ["+15105550100"]}),
+    )
+    .await;
+    let host = fleet.base.trim_start_matches("http://").to_owned();
+    let blocks = shell_blocks("### Inbound calls: routing to agent profiles");
+    assert_eq!(blocks.len(), 1, "one block of examples");
+    let key = "local-dev-key-0001";
+    let dir = std::env::temp_dir().join(format!("readme-routing-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let script = blocks[0]
+        .replace("localhost:8080", &host)
+        .replace("http://127.0.0.1:7880", &fleet.emulator_url())
+        .replace(key, API_KEY);
+    let (ok, stdout, stderr) = run(format!("set -e\ncd {}\n{script}", dir.display())).await;
+    assert!(ok, "{stderr}\n{stdout}");
+    let answers: Vec<Value> = serde_json::Deserializer::from_str(&stdout)
+        .into_iter::<Value>()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("the examples answer JSON ({e}): {stdout}"));
+    // create, patch, list, deactivate, explain, activate, resolve ×2, import, inbound,
+    // list calls, and the DELETE's status code (204, a JSON number).
+    assert_eq!(answers.len(), 12, "{stdout}");
+    assert_eq!(answers[0]["id"], "billing", "{}", answers[0]);
+    assert_eq!(answers[0]["numbers"][0], "+15105550142");
+    assert_eq!(answers[1]["weight"], 50);
+    assert_eq!(answers[2]["profiles"][0]["id"], "billing");
+    assert_eq!(answers[3]["status"], "inactive");
+    assert_eq!(
+        answers[4]["decision"], "inactive→fallback:dev-default",
+        "{}",
+        answers[4]
+    );
+    assert_eq!(answers[5]["status"], "active");
+    assert_eq!(
+        answers[6]["agent"]["profile_id"], "dev-default",
+        "{}",
+        answers[6]
+    );
+    assert_eq!(answers[7]["dispatch_action"], "accept", "{}", answers[7]);
+    assert_eq!(answers[8]["unchanged"], 2, "{}", answers[8]);
+    assert!(answers[9]["room_name"].is_string(), "{}", answers[9]);
+    assert!(answers[10]["calls"].is_array(), "{}", answers[10]);
+    assert_eq!(answers[11], 204);
+    let _ = std::fs::remove_dir_all(&dir);
+    fleet.stop().await;
+}

@@ -650,6 +650,18 @@ impl Inbound {
                 .record_dispatched(&call, n, Some(ours.id.clone()), false, join_timeout)
                 .await;
         }
+        if call
+            .inbound
+            .as_ref()
+            .is_some_and(|l| l.agent_joined_at.is_some())
+        {
+            // An agent is already in the room: whatever became of this dispatch, another
+            // would be a second agent.
+            deps.calls
+                .update(&call.id, |c| c.dispatch_confirmed_by_agent(n))
+                .await?;
+            return Ok(());
+        }
         if n == 1 && existing.iter().any(|d| d.agent_name == agent) {
             dispatched_metric("dispatched_by_rule");
             return self

@@ -92,6 +92,9 @@ pub struct InboundDispatch {
     /// The dispatch rule had already dispatched this agent; callfleet sent nothing.
     #[serde(default)]
     pub by_rule: bool,
+    /// Its answer was lost and LiveKit no longer lists it, but its agent joined: sent.
+    #[serde(default)]
+    pub confirmed_by_agent: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dispatched_at: Option<DateTime<Utc>>,
     /// When the agent must have joined by.
@@ -101,7 +104,7 @@ pub struct InboundDispatch {
 
 impl InboundDispatch {
     pub fn done(&self) -> bool {
-        self.dispatch_id.is_some() || self.by_rule
+        self.dispatch_id.is_some() || self.by_rule || self.confirmed_by_agent
     }
 }
 
@@ -215,7 +218,12 @@ impl Call {
             return InboundStep::Done;
         }
         if leg.agent_joined_at.is_some() {
-            return InboundStep::Live;
+            // A dispatch whose answer was lost is still settled for the record (its id),
+            // but never sent again: an agent is here.
+            return match leg.dispatches.last() {
+                Some(d) if d.started_at.is_some() && !d.done() => InboundStep::Reconcile(d.n),
+                _ => InboundStep::Live,
+            };
         }
         let Some(routing) = &self.routing else {
             return InboundStep::Route;
@@ -277,8 +285,21 @@ impl Call {
             by_rule: false,
             dispatched_at: None,
             agent_due_at: None,
+            confirmed_by_agent: false,
         });
         true
+    }
+
+    /// Dispatch `n`'s answer was lost and LiveKit does not list it (any more), but an
+    /// agent joined: it was sent; nothing is sent again.
+    pub fn dispatch_confirmed_by_agent(&mut self, n: u32) -> bool {
+        match self.dispatch_mut(n) {
+            Some(d) if !d.done() => {
+                d.confirmed_by_agent = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn dispatch_mut(&mut self, n: u32) -> Option<&mut InboundDispatch> {
@@ -323,8 +344,15 @@ impl Call {
         d.dispatch_id = dispatch_id.clone();
         d.by_rule = by_rule;
         d.dispatched_at = Some(at);
-        d.agent_due_at = Some(at + join_timeout);
         let agent = d.agent_name.clone();
+        let agent_here = self
+            .inbound
+            .as_ref()
+            .is_some_and(|l| l.agent_joined_at.is_some());
+        if let Some(d) = self.dispatch_mut(n) {
+            // No check is due for an agent already in the room.
+            d.agent_due_at = (!agent_here).then_some(at + join_timeout);
+        }
         if n == 1 {
             self.dispatch_id = dispatch_id;
         }
