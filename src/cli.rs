@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use callfleet::fleet::{self, IngressSettings, WorkerSettings};
-use callfleet_core::adapters::{Backends, LiveKitApi, RabbitBroker, RabbitConfig};
+use callfleet_core::adapters::{Backends, LiveKitApi, LiveKitSip, RabbitBroker, RabbitConfig};
 use callfleet_core::calls::SystemClock;
 use callfleet_core::config::{
     parse_key_pairs, BackendConfig, BrokerKind, IngressConfig, LiveKitConfig, LogConfig,
@@ -205,6 +205,8 @@ async fn dead_letters(backend: &BackendConfig, action: DeadLetterAction) -> Resu
 /// default inbound number).
 const DEV_PROFILE: &str = "dev-default";
 const DEV_NUMBER: &str = "+15105550100";
+/// How long dev mode's emulated callers stay on the line.
+const DEV_CALLER_STAYS: Duration = Duration::from_secs(20);
 
 /// The trunk dev mode dials through when none is configured (the emulator takes any).
 const DEV_TRUNK: &str = "ST_callfleet_dev";
@@ -345,6 +347,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                         )],
                         // The trunk dev mode dials through exists in its emulator.
                         outbound_trunks: livekit.livekit_sip_trunk_id.iter().cloned().collect(),
+                        // Emulated callers hang up by themselves, so a call ends alone.
+                        inbound_hangup_after: Some(DEV_CALLER_STAYS),
                         ..Default::default()
                     };
                     let running = Emulator::start(config, emulator_addr)
@@ -355,6 +359,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             let api = livekit_client(&livekit_url, &livekit);
             let dev_profile = seed_dev_profile(&backends, &mut routing).await?;
+            let dev_sip = match &emulator {
+                Some(e) => Some(seed_dev_sip(&e.url(), &livekit).await?),
+                None => None,
+            };
             let table = routing_table(&backends, &routing, stop.clone()).await?;
             let server = start_ingress(
                 &backends,
@@ -402,6 +410,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 "  curl -s -X POST {base}/v1/calls -H \"authorization: Bearer {key}\" -H 'content-type: application/json' -d '{{\"to\":\"+15105550123\",\"agent_name\":\"reminder-agent\",\"context\":{{\"customerName\":\"Ada\",\"amountDue\":\"42.00\"}}}}'"
             );
             println!("  curl -s {base}/v1/calls -H \"authorization: Bearer {key}\"   # then GET /v1/calls/<id>");
+            if let Some((trunk, rule)) = &dev_sip {
+                println!(
+                    "  inbound        {DEV_NUMBER} → emulator trunk {trunk} and room-per-caller rule {rule} (no agents: callfleet dispatches); callers hang up after {} s",
+                    DEV_CALLER_STAYS.as_secs()
+                );
+            }
             if let Some(p) = &dev_profile {
                 println!(
                     "Inbound: profile {} routes {} to agent {}; place a call with",
@@ -473,6 +487,45 @@ async fn seed_dev_profile(
         .default_profile
         .get_or_insert_with(|| DEV_PROFILE.to_owned());
     Ok(Some(profile))
+}
+
+/// The emulator's inbound trunk for the dev number and its dispatch rule: a room per
+/// caller and no agents in the rule (callfleet dispatches them), as
+/// `callfleet livekit connect-number` sets a number up. Returns (trunk id, rule id).
+async fn seed_dev_sip(url: &str, livekit: &LiveKitConfig) -> Result<(String, String)> {
+    use livekit_protocol as proto;
+    let sip = LiveKitSip::new(
+        url,
+        &livekit.livekit_api_key,
+        livekit.livekit_api_secret.expose_secret(),
+        livekit.timeout(),
+    )?;
+    let trunk = sip
+        .create_inbound_trunk(proto::SipInboundTrunkInfo {
+            name: "callfleet dev".into(),
+            numbers: vec![DEV_NUMBER.into()],
+            ..Default::default()
+        })
+        .await
+        .context("creating the emulator's inbound trunk")?;
+    let rule = sip
+        .create_dispatch_rule(proto::SipDispatchRuleInfo {
+            name: format!("callfleet {DEV_NUMBER}"),
+            trunk_ids: vec![trunk.sip_trunk_id.clone()],
+            numbers: vec![DEV_NUMBER.into()],
+            rule: Some(proto::SipDispatchRule {
+                rule: Some(proto::sip_dispatch_rule::Rule::DispatchRuleIndividual(
+                    proto::SipDispatchRuleIndividual {
+                        room_prefix: "call-".into(),
+                        ..Default::default()
+                    },
+                )),
+            }),
+            ..Default::default()
+        })
+        .await
+        .context("creating the emulator's dispatch rule")?;
+    Ok((trunk.sip_trunk_id, rule.sip_dispatch_rule_id))
 }
 
 async fn start_ingress(

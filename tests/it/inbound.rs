@@ -1209,3 +1209,97 @@ async fn hours_and_date_overrides_route_to_the_fallback() {
     assert_eq!(err["error"]["field"], "hours.time_zone");
     fleet.stop().await;
 }
+
+/// A number whose dispatch rule already dispatches the agent (`room_config.agents`): the
+/// fleet sees the rule's dispatch in the room, records `dispatched_by_rule` and sends no
+/// CreateDispatch of its own — one agent, from LiveKit's record. A call routed through a
+/// trunk and a rule carries their ids.
+#[tokio::test]
+async fn a_rule_that_dispatches_the_agent_itself_gets_no_second_one() {
+    use livekit_protocol as proto;
+    let fleet = TestFleet::start("inbound-byrule", FleetOptions::default()).await;
+    let sip = callfleet_core::adapters::LiveKitSip::new(
+        &fleet.emulator_url(),
+        "devkey",
+        "secret",
+        Duration::from_secs(5),
+    )
+    .expect("client");
+    let trunk = sip
+        .create_inbound_trunk(proto::SipInboundTrunkInfo {
+            name: "byrule".into(),
+            numbers: vec![DID.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("trunk");
+    let rule = sip
+        .create_dispatch_rule(proto::SipDispatchRuleInfo {
+            name: "rule with its own agent".into(),
+            trunk_ids: vec![trunk.sip_trunk_id.clone()],
+            numbers: vec![DID.into()],
+            rule: Some(proto::SipDispatchRule {
+                rule: Some(proto::sip_dispatch_rule::Rule::DispatchRuleIndividual(
+                    proto::SipDispatchRuleIndividual {
+                        room_prefix: "call-".into(),
+                        ..Default::default()
+                    },
+                )),
+            }),
+            room_config: Some(proto::RoomConfiguration {
+                agents: vec![proto::RoomAgentDispatch {
+                    agent_name: "rule-agent".into(),
+                    metadata: "{}".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("rule");
+    create_profile(
+        &fleet,
+        json!({"id": "rule", "name": "Rule", "agent_name": "rule-agent", "numbers": [DID]}),
+    )
+    .await;
+    let placed = place(&fleet, json!({"from": "+15105550144", "to": DID})).await;
+    assert_eq!(
+        placed["rule_id"],
+        rule.sip_dispatch_rule_id.as_str(),
+        "{placed}"
+    );
+    let room = placed["room_name"].as_str().expect("room").to_owned();
+    let call = eventually(
+        "the call to be settled",
+        Duration::from_secs(10),
+        || async {
+            let c = call_in_room(&fleet, &room, Duration::from_secs(5)).await;
+            c["inbound"]["dispatches"][0]["by_rule"]
+                .as_bool()
+                .filter(|b| *b)
+                .map(|_| c)
+        },
+    )
+    .await;
+    assert_eq!(call["inbound"]["trunk_id"], trunk.sip_trunk_id.as_str());
+    assert_eq!(
+        call["inbound"]["rule_id"],
+        rule.sip_dispatch_rule_id.as_str()
+    );
+    let events: Vec<&str> = call["timeline"]
+        .as_array()
+        .expect("timeline")
+        .iter()
+        .filter_map(|e| e["event"].as_str())
+        .collect();
+    assert!(events.contains(&"dispatched_by_rule"), "{events:?}");
+    assert_eq!(
+        dispatches_in(&fleet, &room),
+        0,
+        "the fleet sent no CreateDispatch"
+    );
+    let dispatches = fleet.emulator.dispatches_in(&room);
+    assert_eq!(dispatches.len(), 1, "one agent in the room: the rule's");
+    fleet.stop().await;
+}

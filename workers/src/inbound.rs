@@ -231,7 +231,7 @@ impl Inbound {
         let id = call.id.clone();
         if deps.calls.create(&call).await?.is_some() {
             metrics::counter!(m::INBOUND_CALLS, "result" => "started").increment(1);
-            tracing::info!(call_id = %id, room = %room.name, "inbound call started");
+            tracing::info!(room = %room.name, "inbound call started");
         } else {
             // The same room again: a duplicate, a replay, or the caller reconnecting.
             let sid = p.sid.clone();
@@ -319,7 +319,7 @@ impl Inbound {
         self.release_slot(call).await;
         metrics::counter!(m::CALLS_FINISHED, "direction" => "inbound", "status" => call.status.as_str())
             .increment(1);
-        tracing::info!(call_id = %call.id, status = call.status.as_str(), "inbound call finished");
+        tracing::info!(status = call.status.as_str(), "inbound call finished");
         if self.settings.delete_room_after {
             if let Err(e) = self.deps.livekit.delete_room(&call.room_name).await {
                 if !e.is_not_found() {
@@ -542,7 +542,7 @@ impl Inbound {
             }
             return Ok(());
         }
-        tracing::info!(call_id = %call.id, decision = %record.decision, profile = ?record.profile_id, "inbound call routed");
+        tracing::info!(decision = %record.decision, profile = ?record.profile_id, "inbound call routed");
         if unrouted {
             dispatched_metric("unrouted");
             metrics::counter!(m::CALLS_FINISHED, "direction" => "inbound", "status" => "unrouted")
@@ -685,7 +685,7 @@ impl Inbound {
         {
             Ok(d) => {
                 dispatched_metric(if n == 1 { "dispatched" } else { "fallback" });
-                tracing::info!(call_id = %call.id, agent = %agent, dispatch = %d.id, "agent dispatched");
+                tracing::info!(agent = %agent, dispatch = %d.id, "agent dispatched");
                 self.record_dispatched(&call, n, Some(d.id), false, join_timeout)
                     .await
             }
@@ -780,7 +780,7 @@ impl Inbound {
             return Ok(());
         }
         dispatched_metric("no_agent");
-        tracing::warn!(call_id = %call.id, dispatch = n, "the dispatched agent did not join in time");
+        tracing::warn!(dispatch = n, "the dispatched agent did not join in time");
         let profile_id = call
             .inbound
             .as_ref()

@@ -57,6 +57,9 @@ pub struct EmulatorConfig {
     /// How long an agent worker takes to join a dispatched room, unless set per agent name
     /// (`None`: no worker ever joins).
     pub agent_join_after: Option<Duration>,
+    /// How long an inbound caller stays before hanging up when the request does not say
+    /// (`hangup_after_ms`); `None`: until removed. Dev mode sets it so a call ends alone.
+    pub inbound_hangup_after: Option<Duration>,
     /// Listeners started by [`Emulator::start`], one per region (`region-0` is the one
     /// asked for, the others on ports the OS picks), as LiveKit's SDK test server runs.
     pub regions: u8,
@@ -75,6 +78,7 @@ impl Default for EmulatorConfig {
             record: true,
             outbound_trunks: Vec::new(),
             agent_join_after: Some(Duration::from_millis(300)),
+            inbound_hangup_after: None,
             regions: 1,
         }
     }

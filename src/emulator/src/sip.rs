@@ -674,11 +674,15 @@ pub async fn inbound_call(emu: &Emulator, call: InboundCall) -> InboundCallResul
     } else {
         direct_call(emu, &call)
     };
-    if let (Some(after), true) = (call.hangup_after_ms, result.accepted) {
+    let hangup_after = call
+        .hangup_after_ms
+        .map(Duration::from_millis)
+        .or(emu.inner.config.inbound_hangup_after);
+    if let (Some(after), true) = (hangup_after, result.accepted) {
         let emu = emu.clone();
         let call_id = result.sip_call_id.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(after)).await;
+            tokio::time::sleep(after).await;
             let _ = emu.hangup_inbound(&call_id);
         });
     }

@@ -153,7 +153,7 @@ pub fn inbound_facts(room: &RoomRef, p: &ParticipantRef, at: DateTime<Utc>) -> I
         participant_sid: p.sid.clone(),
         caller_joined_at: p
             .joined_at_ms
-            .and_then(|ms| DateTime::from_timestamp_millis(ms))
+            .and_then(DateTime::from_timestamp_millis)
             .unwrap_or(at),
         dispatches: Vec::new(),
         agent_joined_at: None,
