@@ -104,9 +104,51 @@ enum LivekitCommand {
     ConnectNumber(ConnectArgs),
     /// Lists set-up problems: rules whose agents would join rooms callfleet also
     /// dispatches to, numbers in inbound_numbers (the callers) by mistake, rule numbers no
-    /// trunk accepts, trunks without rules. Exit 1 when there are any.
+    /// trunk accepts, trunks without rules. Exit 1 when there are any. With a callfleet API
+    /// key it also reads every routing profile: rules with agents on numbers an active
+    /// profile routes are problems; routed numbers LiveKit never passes on are warnings.
     #[command(after_help = EXIT_CODES)]
-    Check,
+    Check(CheckArgs),
+}
+
+/// The callfleet API (routing profiles), for connect-number and check.
+#[derive(Debug, Args)]
+struct ApiArgs {
+    /// The callfleet API.
+    #[arg(
+        long,
+        env = "CALLFLEET_API_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    api_url: String,
+    /// A callfleet API key: with it, callfleet's routing profiles are read (and --profile
+    /// changed); without it they are not consulted.
+    #[arg(long, env = "CALLFLEET_API_KEY", hide_env_values = true)]
+    api_key: Option<SecretString>,
+}
+
+impl ApiArgs {
+    /// The API when a key is configured.
+    fn api(&self) -> Result<Option<CallfleetApi>> {
+        let Some(key) = self.api_key.clone() else {
+            return Ok(None);
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|_| Failure::Unreachable("cannot build an HTTP client".into()))?;
+        Ok(Some(CallfleetApi {
+            http,
+            base: self.api_url.trim_end_matches('/').to_owned(),
+            key,
+        }))
+    }
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 /// Lists of numbers or addresses: repeat the flag or separate with commas; `''` empties.
@@ -370,16 +412,8 @@ struct ConnectArgs {
     /// Region of a number written without a country code.
     #[arg(long, env = "CALLFLEET_DEFAULT_REGION", default_value = "US")]
     region: String,
-    /// The callfleet API (for --profile).
-    #[arg(
-        long,
-        env = "CALLFLEET_API_URL",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    api_url: String,
-    /// A callfleet API key (for --profile).
-    #[arg(long, env = "CALLFLEET_API_KEY", hide_env_values = true)]
-    api_key: Option<SecretString>,
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
@@ -872,7 +906,7 @@ pub async fn run(args: LivekitArgs) -> Result<()> {
         LivekitCommand::OutboundTrunks { action } => outbound(&ctx, action).await,
         LivekitCommand::Rules { action } => rules(&ctx, action).await,
         LivekitCommand::ConnectNumber(connect) => connect_number(&ctx, connect).await,
-        LivekitCommand::Check => check(&ctx).await,
+        LivekitCommand::Check(check_args) => check(&ctx, check_args).await,
     }
 }
 
@@ -1153,36 +1187,95 @@ fn print_problems(problems: &[Problem]) {
     }
 }
 
-async fn check(ctx: &Ctx) -> Result<()> {
-    let trunks = ctx.all_inbound().await?;
-    let rules = ctx.all_rules().await?;
-    let problems = audit::check(&trunks, &rules);
+/// Text lines for findings: every problem; warnings up to 20 of a kind (all in --json).
+fn findings_text(findings: &audit::Findings) -> String {
     let mut text = String::new();
-    for p in &problems {
+    for p in &findings.problems {
         text.push_str(&format!("- [{}] {}\n", p.kind, p.message));
     }
-    if problems.is_empty() {
-        text = format!(
-            "no problems in {} inbound trunk(s) and {} dispatch rule(s)\n",
-            trunks.len(),
-            rules.len()
+    let mut shown: HashMap<&str, usize> = HashMap::new();
+    for w in &findings.warnings {
+        let n = shown.entry(w.kind).or_default();
+        *n += 1;
+        if *n <= 20 {
+            text.push_str(&format!("- [{}] warning: {}\n", w.kind, w.message));
+        }
+    }
+    let mut more: Vec<_> = shown.into_iter().filter(|(_, n)| *n > 20).collect();
+    more.sort();
+    for (kind, n) in more {
+        text.push_str(&format!(
+            "- [{kind}] warning: … and {} more (--json lists them all)\n",
+            n - 20
+        ));
+    }
+    text
+}
+
+async fn check(ctx: &Ctx, args: CheckArgs) -> Result<()> {
+    // With a key configured, profiles that cannot be read fail the check (exit 3) rather
+    // than leave it to LiveKit's side alone.
+    let api = args.api.api()?;
+    let profiles = match &api {
+        Some(api) => Some(api.list_profiles(None).await?),
+        None => None,
+    };
+    let trunks = ctx.all_inbound().await?;
+    let rules = ctx.all_rules().await?;
+    let findings = audit::check_all(&trunks, &rules, profiles.as_deref());
+    let mut notes = Vec::new();
+    if profiles.is_none() {
+        notes.push(
+            "callfleet's routing profiles were not consulted (no CALLFLEET_API_KEY / \
+             --api-key): rules with agents were checked only against other rules, and routed \
+             numbers LiveKit does not pass on were not looked for"
+                .to_owned(),
         );
     }
+    // Nothing to fail on: the summary first, then any warnings.
+    let mut text = String::new();
+    if findings.problems.is_empty() {
+        text.push_str(&format!(
+            "no problems in {} inbound trunk(s), {} dispatch rule(s){}{}\n",
+            trunks.len(),
+            rules.len(),
+            profiles.as_ref().map_or(String::new(), |p| format!(
+                " and {} routing profile(s) ({} active)",
+                p.len(),
+                p.iter().filter(|p| p.is_active()).count()
+            )),
+            match findings.warnings.len() {
+                0 => String::new(),
+                n => format!("; {n} warning(s)"),
+            }
+        ));
+    }
+    text.push_str(&findings_text(&findings));
+    for n in &notes {
+        text.push_str(&format!("note: {n}\n"));
+    }
     ctx.print(
-        json!({"problems": problems, "inbound_trunks": trunks.len(), "dispatch_rules": rules.len()}),
+        json!({
+            "problems": findings.problems,
+            "warnings": findings.warnings,
+            "inbound_trunks": trunks.len(),
+            "dispatch_rules": rules.len(),
+            "routing_profiles": profiles.as_ref().map(Vec::len),
+            "notes": notes,
+        }),
         text,
     );
-    if problems.is_empty() {
+    if findings.problems.is_empty() {
         Ok(())
     } else {
         Err(Failure::Problems(format!(
             "{} problem(s) found",
-            problems.len()
+            findings.problems.len()
         )))
     }
 }
 
-/// The callfleet routing API, for `--profile`.
+/// The callfleet routing API: `--profile`, and the profiles connect-number and check read.
 struct CallfleetApi {
     http: reqwest::Client,
     base: String,
@@ -1204,7 +1297,9 @@ impl CallfleetApi {
         }
     }
 
-    async fn answer(&self, response: reqwest::Response, profile: &str) -> Result<Value> {
+    /// The answer's body, or the failure it says; `profile` is the one asked about (none:
+    /// the list).
+    async fn answer(&self, response: reqwest::Response, profile: Option<&str>) -> Result<Value> {
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         let said = body
@@ -1216,16 +1311,24 @@ impl CallfleetApi {
             });
         match status.as_u16() {
             200..=299 => Ok(body),
-            404 => Err(Failure::NotFound(format!(
-                "no routing profile {profile} at {}",
-                self.base
-            ))),
+            404 => Err(match profile {
+                Some(profile) => {
+                    Failure::NotFound(format!("no routing profile {profile} at {}", self.base))
+                }
+                None => Failure::Unreachable(format!(
+                    "{} serves no /v1/routing/profiles: check --api-url / CALLFLEET_API_URL",
+                    self.base
+                )),
+            }),
             401 | 403 => Err(Failure::Unreachable(format!(
                 "the callfleet API refused the key ({}): check CALLFLEET_API_KEY",
                 said.unwrap_or_else(|| status.to_string())
             ))),
             400 | 409 | 422 => Err(Failure::Usage(format!(
-                "the callfleet API refused the change to profile {profile}: {}",
+                "the callfleet API refused {}: {}",
+                profile.map_or("the profile list".to_owned(), |p| format!(
+                    "the change to profile {p}"
+                )),
                 said.unwrap_or_else(|| status.to_string())
             ))),
             _ => Err(Failure::Service(format!(
@@ -1247,7 +1350,7 @@ impl CallfleetApi {
             .send()
             .await
             .map_err(|e| self.unreachable(&e))?;
-        self.answer(response, id).await
+        self.answer(response, Some(id)).await
     }
 
     async fn set_numbers(&self, id: &str, numbers: &[String]) -> Result<Value> {
@@ -1263,7 +1366,45 @@ impl CallfleetApi {
             .send()
             .await
             .map_err(|e| self.unreachable(&e))?;
-        self.answer(response, id).await
+        self.answer(response, Some(id)).await
+    }
+
+    /// Every routing profile (those serving `number` only, when given), page by page.
+    async fn list_profiles(&self, number: Option<&str>) -> Result<Vec<audit::RoutedProfile>> {
+        let mut profiles = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut url = format!("{}/v1/routing/profiles?limit=500", self.base);
+            if let Some(n) = number {
+                url.push_str(&format!("&number={}", encode_segment(n)));
+            }
+            if let Some(c) = &cursor {
+                url.push_str(&format!("&cursor={}", encode_segment(c)));
+            }
+            let response = self
+                .http
+                .get(url)
+                .bearer_auth(self.key.expose_secret())
+                .send()
+                .await
+                .map_err(|e| self.unreachable(&e))?;
+            let mut page = self.answer(response, None).await?;
+            let listed: Vec<audit::RoutedProfile> = serde_json::from_value(page["profiles"].take())
+                .map_err(|_| {
+                    Failure::Service(format!(
+                        "the callfleet API at {} answered the profile list without profiles",
+                        self.base
+                    ))
+                })?;
+            profiles.extend(listed);
+            match page["next_cursor"].as_str() {
+                // A cursor that does not move would loop forever.
+                Some(next) if !next.is_empty() && cursor.as_deref() != Some(next) => {
+                    cursor = Some(next.to_owned());
+                }
+                _ => return Ok(profiles),
+            }
+        }
     }
 }
 
@@ -1306,28 +1447,27 @@ async fn connect_number(ctx: &Ctx, args: ConnectArgs) -> Result<()> {
         .as_str()
         .to_owned();
 
-    // The profile is checked first, so a wrong id changes nothing in LiveKit.
+    // callfleet's side is read first, so a wrong profile id or an unreachable API changes
+    // nothing in LiveKit.
+    let api = args.api.api()?;
     let profile = match &args.profile {
         None => None,
         Some(id) => {
-            let key = args.api_key.clone().ok_or_else(|| {
+            let api = api.as_ref().ok_or_else(|| {
                 Failure::Usage(
                     "--profile needs a callfleet API key: set CALLFLEET_API_KEY (or --api-key)"
                         .into(),
                 )
             })?;
-            let http = reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .map_err(|_| Failure::Unreachable("cannot build an HTTP client".into()))?;
-            let api = CallfleetApi {
-                http,
-                base: args.api_url.trim_end_matches('/').to_owned(),
-                key,
-            };
             let found = api.get_profile(id).await?;
             Some((api, id.clone(), found))
         }
+    };
+    // The profiles serving the number already, for the warnings about their trunk_ids and
+    // rule_ids.
+    let mut serving = match &api {
+        Some(api) => Some(api.list_profiles(Some(&did)).await?),
+        None => None,
     };
 
     let trunks = ctx.all_inbound().await?;
@@ -1375,7 +1515,7 @@ async fn connect_number(ctx: &Ctx, args: ConnectArgs) -> Result<()> {
     };
 
     let rules = ctx.all_rules().await?;
-    let warnings = audit::number_warnings(&did, &rules);
+    let mut warnings = audit::number_warnings(&did, &rules);
     let (rule_id, rule_action) = match audit::plan_rule(&did, &trunk_id, &rules) {
         RuleStep::Reuse { id } => {
             if let (Some(wanted), Some(rule)) = (
@@ -1428,25 +1568,31 @@ async fn connect_number(ctx: &Ctx, args: ConnectArgs) -> Result<()> {
     if let Some((api, id, found)) = profile {
         let mut numbers = strings(&found, "numbers");
         let listed = numbers.iter().any(|n| n == &did);
-        if !listed {
+        let now = if listed {
+            found
+        } else {
             numbers.push(did.clone());
-            api.set_numbers(&id, &numbers).await?;
-        }
+            api.set_numbers(&id, &numbers).await?
+        };
         let action = if listed { "unchanged" } else { "number_added" };
-        for (key, ours, what) in [
-            ("trunk_ids", &trunk_id, "inbound trunk"),
-            ("rule_ids", &rule_id, "dispatch rule"),
-        ] {
-            let narrowed = strings(&found, key);
-            if !narrowed.is_empty() && !narrowed.contains(ours) {
-                notes.push(format!(
-                    "profile {id} only takes calls from {key} {}: add {what} {ours} there or its calls will not route to it",
-                    narrowed.join(", ")
-                ));
-            }
+        if let (Some(serving), Ok(now)) = (&mut serving, serde_json::from_value(now)) {
+            serving.insert(0, now);
         }
         profile_line = Some(format!("  profile        {id}  ({})\n", words(action)));
         profile_json = json!({"id": id, "number": action});
+    }
+
+    if let Some(serving) = &serving {
+        warnings.extend(audit::connect_profile_warnings(
+            &did, &trunk_id, &rule_id, serving,
+        ));
+        if !serving.iter().any(|p| p.is_active() && p.serves(&did)) {
+            notes.push(format!(
+                "no active callfleet routing profile serves {did}: its calls go to \
+                 CALLFLEET_DEFAULT_PROFILE if one is set, otherwise they end unrouted (add the \
+                 number to a profile with --profile ID)"
+            ));
+        }
     }
 
     let changed = trunk_action != "unchanged"

@@ -597,6 +597,25 @@ async fn exit_codes_say_what_went_wrong() {
         stderr(&unreachable)
     );
 
+    // A callfleet API key with no API behind it: check does not pass over the profiles.
+    let no_api = tokio::process::Command::new(env!("CARGO_BIN_EXE_callfleet"))
+        .args(["livekit", "check"])
+        .env("LIVEKIT_URL", e.url())
+        .env("LIVEKIT_API_KEY", "devkey")
+        .env("LIVEKIT_API_SECRET", "secret")
+        .env("CALLFLEET_API_URL", format!("http://{closed}"))
+        .env("CALLFLEET_API_KEY", "some-key")
+        .env("CALLFLEET_LOG", "warn")
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(code(&no_api), 3, "{}", stderr(&no_api));
+    assert!(
+        stderr(&no_api).contains("cannot reach the callfleet API"),
+        "{}",
+        stderr(&no_api)
+    );
+
     let no_url = tokio::process::Command::new(env!("CARGO_BIN_EXE_callfleet"))
         .args(["livekit", "check"])
         .env_remove("LIVEKIT_URL")
@@ -675,6 +694,198 @@ async fn connect_number_adds_the_number_to_a_routing_profile() {
     let answer: Value = serde_json::from_slice(&again.stdout).expect("json");
     assert_eq!(answer["profile"]["number"], "unchanged");
     assert_eq!(answer["changed"], false);
+    fleet.stop().await;
+}
+
+/// `callfleet livekit <args>` against a fleet's emulator, with the fleet's callfleet API
+/// configured (`api`) or not.
+async fn lk_fleet(fleet: &TestFleet, api: bool, args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_callfleet"));
+    command
+        .arg("livekit")
+        .args(args)
+        .env("LIVEKIT_URL", fleet.emulator_url())
+        .env("LIVEKIT_API_KEY", "devkey")
+        .env("LIVEKIT_API_SECRET", "secret")
+        .env("CALLFLEET_LOG", "warn")
+        .env_remove("LIVEKIT_SIP_HOST")
+        .env_remove("CALLFLEET_API_URL")
+        .env_remove("CALLFLEET_API_KEY")
+        .env_remove("CALLFLEET_DEFAULT_REGION");
+    if api {
+        command
+            .env("CALLFLEET_API_URL", &fleet.base)
+            .env("CALLFLEET_API_KEY", API_KEY);
+    }
+    command.output().await.expect("run callfleet livekit")
+}
+
+fn json_out(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|err| panic!("no JSON ({err}): {}{}", stdout(o), stderr(o)))
+}
+
+fn of_kind<'a>(found: &'a Value, key: &str, kind: &str) -> Vec<&'a Value> {
+    found[key]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|p| p["kind"] == kind)
+        .collect()
+}
+
+#[tokio::test]
+async fn check_reads_callfleet_profiles_and_finds_a_rule_giving_a_second_agent() {
+    const DID: &str = "+15105550100";
+    const UNCONNECTED: &str = "+15105550122";
+    let fleet = TestFleet::start("lk-check-profiles", FleetOptions::default()).await;
+    let (status, _) = fleet
+        .post(
+            "/v1/routing/profiles",
+            &json!({"id": "billing", "name": "Billing", "agent_name": "billing-agent",
+                    "numbers": [DID, UNCONNECTED]}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    // More than a page of profiles (500), so check has to follow next_cursor.
+    let many: Vec<Value> = (0..600)
+        .map(|i| json!({"id": format!("bulk-{i:03}"), "name": "bulk", "agent_name": "bulk-agent"}))
+        .collect();
+    let (status, body) = fleet
+        .post("/v1/routing/import?mode=merge", &Value::Array(many))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // In LiveKit: the number's trunk and a rule that dispatches its own agent for it.
+    let trunk = lk_fleet(
+        &fleet,
+        false,
+        &["inbound-trunks", "create", "--number", DID, "--json"],
+    )
+    .await;
+    assert_eq!(code(&trunk), 0, "{}", stderr(&trunk));
+    let trunk_id = id(&json_out(&trunk), "sip_trunk_id");
+    let rule = lk_fleet(
+        &fleet,
+        false,
+        &[
+            "rules",
+            "create",
+            "--trunk",
+            &trunk_id,
+            "--number",
+            DID,
+            "--agent",
+            "old-agent",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(code(&rule), 0, "{}", stderr(&rule));
+    let rule_id = id(&json_out(&rule), "sip_dispatch_rule_id");
+
+    // Without callfleet's profiles the rule is alone on its number: fine to LiveKit, and
+    // the output says what was not consulted.
+    let blind = lk_fleet(&fleet, false, &["check"]).await;
+    assert_eq!(code(&blind), 0, "{}{}", stdout(&blind), stderr(&blind));
+    assert!(
+        stdout(&blind).starts_with("no problems"),
+        "{}",
+        stdout(&blind)
+    );
+    assert!(
+        stdout(&blind).contains("profiles were not consulted"),
+        "{}",
+        stdout(&blind)
+    );
+
+    // With them: a problem naming the rule, the number, the profile and both agents (exit
+    // 1), and a warning for the routed number no trunk accepts.
+    let found = lk_fleet(&fleet, true, &["check", "--json"]).await;
+    assert_eq!(code(&found), 1, "{}{}", stdout(&found), stderr(&found));
+    let answer = json_out(&found);
+    assert_eq!(answer["routing_profiles"], 601, "every page read: {answer}");
+    let two = of_kind(&answer, "problems", "two_agents");
+    assert_eq!(two.len(), 1, "{answer}");
+    assert_eq!(two[0]["rule_id"], rule_id.as_str());
+    assert_eq!(two[0]["number"], DID);
+    assert_eq!(two[0]["profile_id"], "billing");
+    let message = two[0]["message"].as_str().expect("message");
+    assert!(
+        message.contains("old-agent") && message.contains("billing-agent"),
+        "{message}"
+    );
+    let unconnected = of_kind(&answer, "warnings", "routed_number_without_trunk");
+    assert_eq!(unconnected.len(), 1, "{answer}");
+    assert_eq!(unconnected[0]["number"], UNCONNECTED);
+    let text = lk_fleet(&fleet, true, &["check"]).await;
+    assert_eq!(code(&text), 1);
+    let said = stdout(&text);
+    let line = said
+        .lines()
+        .find(|l| l.starts_with("- [two_agents] "))
+        .unwrap_or_else(|| panic!("no two_agents line: {said}"));
+    for named in [
+        rule_id.as_str(),
+        DID,
+        "profile billing",
+        "old-agent",
+        "billing-agent",
+    ] {
+        assert!(line.contains(named), "{named}: {line}");
+    }
+    assert!(
+        said.contains("[routed_number_without_trunk] warning:") && said.contains(UNCONNECTED),
+        "{said}"
+    );
+    assert!(!said.contains("not consulted"), "{said}");
+
+    // The rule's agents removed: exit 0; the warning stays and does not fail the check.
+    let fixed = lk_fleet(
+        &fleet,
+        false,
+        &["rules", "update", &rule_id, "--replace", "--no-agents"],
+    )
+    .await;
+    assert_eq!(code(&fixed), 0, "{}", stderr(&fixed));
+    let clean = lk_fleet(&fleet, true, &["check"]).await;
+    assert_eq!(code(&clean), 0, "{}{}", stdout(&clean), stderr(&clean));
+    let said = stdout(&clean);
+    assert!(
+        said.starts_with("no problems in 1 inbound trunk(s), 1 dispatch rule(s) and 601 routing profile(s) (601 active); 1 warning(s)"),
+        "{said}"
+    );
+    assert!(said.contains(UNCONNECTED), "{said}");
+
+    // connect-number with the API: a profile narrowed to another trunk is warned about.
+    let (status, body) = fleet
+        .send_json(
+            reqwest::Method::PATCH,
+            "/v1/routing/profiles/billing",
+            &json!({"trunk_ids": ["ST_elsewhere"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let connected = lk_fleet(&fleet, true, &["connect-number", UNCONNECTED, "--json"]).await;
+    assert_eq!(code(&connected), 0, "{}", stderr(&connected));
+    let answer = json_out(&connected);
+    let narrowed = of_kind(&answer, "warnings", "profile_scope_excludes");
+    assert_eq!(narrowed.len(), 1, "{answer}");
+    assert_eq!(narrowed[0]["profile_id"], "billing");
+    assert_eq!(narrowed[0]["trunk_id"], answer["trunk_id"]);
+    assert!(
+        stderr(&connected).contains("ST_elsewhere"),
+        "{}",
+        stderr(&connected)
+    );
+    // A number no active profile serves gets a note saying where its calls go.
+    let stray = lk_fleet(&fleet, true, &["connect-number", "+15105550133", "--json"]).await;
+    assert_eq!(code(&stray), 0, "{}", stderr(&stray));
+    let notes = json_out(&stray)["notes"].to_string();
+    assert!(
+        notes.contains("no active callfleet routing profile"),
+        "{notes}"
+    );
     fleet.stop().await;
 }
 
