@@ -88,7 +88,7 @@ fn ingress_settings() -> IngressSettings {
 async fn resolve(n: usize, rate: f64, seconds: u64) -> Result<(), Error> {
     let stop = CancellationToken::new();
     let routing_store = Arc::new(MemoryRouting::new());
-    routing_store.import(&profiles(n), false).await?;
+    routing_store.import(&profiles(n), None).await?;
     let backends = Backends {
         broker: Arc::new(MemoryBroker::new(10)),
         store: Arc::new(MemoryStore::new()),
@@ -170,7 +170,7 @@ async fn toggles(n: usize) -> Result<(), Error> {
     let redis = RedisStore::connect(REDIS, &prefix, Duration::from_secs(5)).await?;
     let store: Arc<dyn RoutingStore> = Arc::new(redis.routing());
     let all = profiles(n);
-    store.import(&all, false).await?;
+    store.import(&all, None).await?;
     let stop = CancellationToken::new();
     let mut instances = Vec::new();
     for _ in 0..3 {
@@ -262,7 +262,7 @@ async fn webhook_to_dispatch(rate: f64, seconds: u64) -> Result<(), Error> {
         delivery_limit: 10,
     };
     let did = number(0);
-    backends.routing.import(&profiles(10), false).await?;
+    backends.routing.import(&profiles(10), None).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let emulator = Emulator::start(EmulatorConfig::default(), "127.0.0.1:0".parse()?).await?;

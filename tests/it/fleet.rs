@@ -48,6 +48,8 @@ pub struct FleetOptions {
     /// look at it).
     pub sweep: SweepSettings,
     pub inbound: InboundSettings,
+    /// The LiveKit client's per-request timeout.
+    pub livekit_timeout: Duration,
     /// The profile inbound calls fall back to last.
     pub default_profile: Option<String>,
 }
@@ -76,6 +78,7 @@ impl Default for FleetOptions {
                 ..SweepSettings::default()
             },
             inbound: InboundSettings::default(),
+            livekit_timeout: Duration::from_secs(10),
             default_profile: None,
         }
     }
@@ -118,14 +121,17 @@ fn ingress_settings() -> IngressSettings {
     }
 }
 
+/// Broker, store, routing store, and the RabbitMQ/Redis prefix when real.
+type Backing4 = (
+    Arc<dyn Broker>,
+    Arc<dyn Store>,
+    Arc<dyn RoutingStore>,
+    Option<String>,
+);
+
 impl TestFleet {
     pub async fn start(name: &str, options: FleetOptions) -> Self {
-        let (broker, store, routing, prefix): (
-            Arc<dyn Broker>,
-            Arc<dyn Store>,
-            Arc<dyn RoutingStore>,
-            _,
-        ) = match options.backing {
+        let (broker, store, routing, prefix): Backing4 = match options.backing {
             Backing::Memory => (
                 memory_broker(10),
                 memory_store(),
@@ -194,7 +200,7 @@ impl TestFleet {
             &running.url(),
             "devkey",
             "secret",
-            Duration::from_secs(10),
+            options.livekit_timeout,
         ));
         let clean = prefix.clone().map(CleanOnDrop);
         let mut test_fleet = Self {

@@ -885,9 +885,7 @@ async fn resolve_answers_both_shapes_and_splits_by_weight() {
     assert!((750..=850).contains(&to_a), "a took {to_a} of 1000");
 
     let (status, explained) = fleet
-        .get(&format!(
-            "/v1/routing/explain?to=%2B15105550100&from=%2B15105550123&at=2026-11-20T17:00:00Z"
-        ))
+        .get("/v1/routing/explain?to=%2B15105550100&from=%2B15105550123&at=2026-11-20T17:00:00Z")
         .await;
     assert_eq!(status, 200, "{explained}");
     assert_eq!(explained["decision"], "weighted");
@@ -987,7 +985,7 @@ async fn the_routing_admin_api_validates_lists_and_round_trips() {
     let (status, err) = fleet
         .post(
             "/v1/routing/import",
-            &json!({"profiles": [{"name": "x", "agent_name": "a", "numbers": ["bad"]}]}),
+            &json!({"profiles": [{"id": "x", "name": "x", "agent_name": "a", "numbers": ["bad"]}]}),
         )
         .await;
     assert_eq!(status, 422);
@@ -1301,5 +1299,75 @@ async fn a_rule_that_dispatches_the_agent_itself_gets_no_second_one() {
     );
     let dispatches = fleet.emulator.dispatches_in(&room);
     assert_eq!(dispatches.len(), 1, "one agent in the room: the rule's");
+    fleet.stop().await;
+}
+
+/// LiveKit carries the CreateDispatch out 3 s after it arrives, long after the client
+/// gave up at 1 s: the worker keeps looking (ListDispatch) until LiveKit is done with
+/// it, instead of sending another one the moment it does not see it.
+#[tokio::test]
+async fn a_dispatch_landing_after_the_client_timeout_is_not_resent() {
+    let fleet = TestFleet::start(
+        "inbound-late",
+        FleetOptions {
+            backing: Backing::RabbitRedis,
+            workers: 2,
+            livekit_timeout: Duration::from_secs(1),
+            settings: callfleet_workers::OutboundSettings {
+                livekit_settle: Duration::from_secs(6),
+                ..FleetOptions::default().settings
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    never_join(&fleet, &["late-agent"]).await;
+    create_profile(
+        &fleet,
+        json!({"id": "late", "name": "Late", "agent_name": "late-agent", "numbers": [DID],
+               "agent_join_timeout_s": 600}),
+    )
+    .await;
+    fleet.emulator.set_faults(Faults {
+        methods: [(
+            "CreateDispatch".to_owned(),
+            MethodFault {
+                latency_ms: 3_000,
+                ..Default::default()
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    });
+    let placed = place(&fleet, json!({"from": "+15105550133", "to": DID})).await;
+    let room = placed["room_name"].as_str().expect("room").to_owned();
+    let call = eventually(
+        "the late dispatch to be found",
+        Duration::from_secs(30),
+        || async {
+            let c = call_in_room(&fleet, &room, Duration::from_secs(5)).await;
+            c["inbound"]["dispatches"][0]["dispatch_id"]
+                .is_string()
+                .then_some(c)
+        },
+    )
+    .await;
+    assert_eq!(
+        call["inbound"]["dispatches"].as_array().map(Vec::len),
+        Some(1)
+    );
+    // Past the settle time nothing more is sent either.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(dispatches_in(&fleet, &room), 1, "one agent");
+    assert_eq!(
+        fleet.emulator.requests_of("CreateDispatch").len(),
+        1,
+        "sent once"
+    );
+    assert!(
+        fleet.emulator.requests_of("ListDispatch").len() >= 2,
+        "LiveKit was asked again while the first was in flight"
+    );
     fleet.stop().await;
 }

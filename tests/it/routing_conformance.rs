@@ -77,19 +77,25 @@ async fn contract(store: Arc<dyn RoutingStore>) {
     let many: Vec<Profile> = (0..1_200)
         .map(|i| profile(&format!("p{i:04}"), &["+15105550199"]))
         .collect();
-    let vi = store.import(&many, false).await.expect("import");
+    let vi = store.import(&many, None).await.expect("import");
     assert!(vi > v4);
     let now = store.changes_since(0).await.expect("changes");
     assert_eq!(now.upserts.len(), 1_201, "a + 1,200 imported");
-    let vr = store.import(&many[..10], true).await.expect("replace");
+    // Replace: ten are rewritten, ten more are kept as they are, the rest deleted.
+    let keep: std::collections::HashSet<String> = many[..20].iter().map(|p| p.id.clone()).collect();
+    let vr = store
+        .import(&many[..10], Some(&keep))
+        .await
+        .expect("replace");
     assert!(vr > vi);
     let after = store.changes_since(vi).await.expect("changes");
     assert_eq!(
         after.deletes.len(),
-        1_191,
-        "a and 1,190 imported profiles deleted"
+        1_181,
+        "a and 1,180 imported profiles deleted"
     );
-    assert_eq!(store.changes_since(0).await.expect("all").upserts.len(), 10);
+    assert_eq!(after.upserts.len(), 10, "only the rewritten ones changed");
+    assert_eq!(store.changes_since(0).await.expect("all").upserts.len(), 20);
 
     // Slots: capped, idempotent per call, released, counted.
     let ttl = Duration::from_secs(60);
@@ -132,6 +138,31 @@ async fn contract(store: Arc<dyn RoutingStore>) {
         None,
         "profiles without calls are left out"
     );
+    // Concurrent claims never pass the cap.
+    let racing: Vec<_> = (0..20)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .claim_slot("p0003", &format!("race{i}"), Some(5), ttl)
+                    .await
+                    .expect("claim")
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for r in racing {
+        if r.await.expect("task") {
+            won += 1;
+        }
+    }
+    assert_eq!(won, 5, "exactly the cap");
+    for i in 0..20 {
+        store
+            .release_slot("p0003", &format!("race{i}"))
+            .await
+            .expect("release");
+    }
     // A slot whose call's end was never seen expires.
     assert!(store
         .claim_slot("p0002", "lost", Some(1), Duration::from_millis(200))

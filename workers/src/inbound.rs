@@ -10,7 +10,7 @@
 //!   caller is hung up, per profile.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use callfleet_core::calls::{wall_time, CallJob};
 pub use callfleet_core::config::UnroutedAction;
@@ -18,10 +18,12 @@ use callfleet_core::domain::inbound::{inbound_call_id, inbound_facts, InboundEnd
 use callfleet_core::domain::phone::Region;
 use callfleet_core::domain::phone::E164;
 use callfleet_core::domain::routing::{
-    Excluding, NoAgentAction, RouteQuery, RoutedProfile, RoutingRecord,
+    Decision, Excluding, Ineligible, NoAgentAction, RouteQuery, RouteReason, RoutedProfile,
+    RoutingRecord, DEFAULT_AGENT_JOIN_TIMEOUT_S,
 };
 use callfleet_core::domain::webhook::{EventKind, ParticipantRef, RoomRef, WebhookEvent};
-use callfleet_core::domain::{Call, CallStatus};
+use callfleet_core::domain::Call;
+use callfleet_core::ports::store::LockToken;
 use callfleet_core::ports::LiveKitError;
 use callfleet_core::routing::RoutingCache;
 use callfleet_core::telemetry::metrics as m;
@@ -193,20 +195,22 @@ impl Inbound {
             (EventKind::ParticipantLeft | EventKind::ParticipantConnectionAborted, Some(p))
                 if p.is_sip() =>
             {
-                self.ended(room, p.disconnect_reason.clone()).await
+                self.ended(room, Some(&p.identity), p.disconnect_reason.clone())
+                    .await
             }
-            (EventKind::RoomFinished, _) => self.ended(room, Some("ROOM_FINISHED".into())).await,
+            (EventKind::RoomFinished, _) => {
+                self.ended(room, None, Some("ROOM_FINISHED".into())).await
+            }
             _ => Ok("ignored"),
         }
     }
 
     /// LiveKit passes numbers as the INVITE had them: `+15105550100`, or without the
-    /// `+` from some carriers (then read as international, or in the configured region).
+    /// `+` from some carriers (read in the configured region, else as international).
     fn parse_number(&self, raw: Option<&str>) -> Option<E164> {
         let raw = raw?;
-        E164::parse(raw, None)
+        E164::parse(raw, self.settings.region)
             .or_else(|_| E164::parse(&format!("+{raw}"), None))
-            .or_else(|_| E164::parse(raw, self.settings.region))
             .ok()
     }
 
@@ -283,31 +287,41 @@ impl Inbound {
         Ok("stale")
     }
 
-    /// The caller left, or the room finished: tombstone first (a join processed later
-    /// then dispatches nothing), then end the call if it exists.
-    async fn ended(&self, room: &RoomRef, reason: Option<String>) -> Result<&'static str, Halt> {
+    /// The caller left (`caller`: its identity), or the room finished (`None`):
+    /// tombstone first (a join processed later then dispatches nothing), then end the
+    /// call if it exists. Another SIP participant leaving (a transfer leg, a second
+    /// caller in a shared room) ends nothing.
+    async fn ended(
+        &self,
+        room: &RoomRef,
+        caller: Option<&str>,
+        reason: Option<String>,
+    ) -> Result<&'static str, Halt> {
         let id = inbound_call_id(room);
         let store = self.deps.calls.store();
         store
-            .claim_key(&tombstone(&id), "ended", TOMBSTONE_TTL)
+            .claim_key(&tombstone(&id), caller.unwrap_or(ROOM_GONE), TOMBSTONE_TTL)
             .await?;
         let now = self.deps.clock.now();
         let updated = self
             .deps
             .calls
             .update(&id, |c| {
+                if !ends_call(c, caller) {
+                    return None;
+                }
                 c.inbound_ended(InboundEnd::CallerLeft, reason.clone(), now)
             })
             .await?;
         match updated {
             Some((call, Some(_))) => {
-                self.finish(&call).await;
+                self.finish(&call).await?;
                 Ok("applied")
             }
             Some((call, None)) => {
                 // Already ended (a duplicate, or the room finishing after the caller left):
                 // make sure its slot is free.
-                self.release_slot(&call).await;
+                self.release_slot(&call).await?;
                 Ok("stale")
             }
             None => Ok("tombstoned"),
@@ -315,35 +329,35 @@ impl Inbound {
     }
 
     /// After a call ended: free its profile slot, count it, close the room if asked to.
-    async fn finish(&self, call: &Call) {
-        self.release_slot(call).await;
+    async fn finish(&self, call: &Call) -> Result<(), Halt> {
         metrics::counter!(m::CALLS_FINISHED, "direction" => "inbound", "status" => call.status.as_str())
             .increment(1);
         tracing::info!(status = call.status.as_str(), "inbound call finished");
         if self.settings.delete_room_after {
             if let Err(e) = self.deps.livekit.delete_room(&call.room_name).await {
                 if !e.is_not_found() {
-                    tracing::debug!(call_id = %call.id, error = %e, "room not deleted");
+                    tracing::debug!(error = %e, "room not deleted");
                 }
             }
         }
+        self.release_slot(call).await
     }
 
-    async fn release_slot(&self, call: &Call) {
+    /// Frees the profile slot an ended call holds; an error is returned (the event or job
+    /// is retried) rather than leaving the slot taken until it expires.
+    async fn release_slot(&self, call: &Call) -> Result<(), Halt> {
         let Some(profile) = call.slot_to_release().map(str::to_owned) else {
-            return;
+            return Ok(());
         };
-        match self.routing.store().release_slot(&profile, &call.id).await {
-            Ok(_) => {
-                let _ = self
-                    .deps
-                    .calls
-                    .update(&call.id, |c| c.slot_released())
-                    .await;
-            }
-            // The slot expires on its own; capacity is short until then.
-            Err(e) => tracing::warn!(call_id = %call.id, error = %e, "profile slot not released"),
-        }
+        self.routing
+            .store()
+            .release_slot(&profile, &call.id)
+            .await?;
+        self.deps
+            .calls
+            .update(&call.id, |c| c.slot_released())
+            .await?;
+        Ok(())
     }
 
     /// A call job for an inbound call (the agent check, or the sweeper's nudge).
@@ -357,66 +371,94 @@ impl Inbound {
     /// Moves the call as far as it can go now, under its lock.
     async fn progress(&self, call_id: &str, origin: Origin) -> Result<&'static str, Halt> {
         let store = self.deps.calls.store();
-        let lock = format!("call:{call_id}");
-        let Some(token) = store.try_lock(&lock, self.settings.lock_ttl).await? else {
+        let lock = CallLock {
+            name: format!("call:{call_id}"),
+            token: None,
+            taken: Instant::now(),
+        };
+        let Some(token) = store.try_lock(&lock.name, self.settings.lock_ttl).await? else {
             return Err(Halt::Busy);
         };
-        let result = self.drive(call_id, origin).await;
-        if let Err(e) = store.unlock(&lock, &token).await {
-            tracing::debug!(error = %e, "call lock not released; it expires");
+        let mut lock = CallLock {
+            token: Some(token),
+            ..lock
+        };
+        let result = self.drive(call_id, origin, &mut lock).await;
+        if let Some(token) = &lock.token {
+            if let Err(e) = store.unlock(&lock.name, token).await {
+                tracing::debug!(error = %e, "call lock not released; it expires");
+            }
         }
         result
     }
 
-    async fn drive(&self, call_id: &str, origin: Origin) -> Result<&'static str, Halt> {
+    /// Renews the call's lock before a request that must not overlap another worker's
+    /// (a lock held for more than half its time could lapse mid-request). False: it
+    /// lapsed, someone else may hold the call; stop.
+    async fn keep_lock(&self, lock: &mut CallLock) -> Result<bool, Halt> {
+        if lock.taken.elapsed() < self.settings.lock_ttl / 2 {
+            return Ok(true);
+        }
+        let Some(token) = &lock.token else {
+            return Ok(false);
+        };
+        let kept = self
+            .deps
+            .calls
+            .store()
+            .extend_lock(&lock.name, token, self.settings.lock_ttl)
+            .await?;
+        if kept {
+            lock.taken = Instant::now();
+        } else {
+            lock.token = None;
+        }
+        Ok(kept)
+    }
+
+    async fn drive(
+        &self,
+        call_id: &str,
+        origin: Origin,
+        lock: &mut CallLock,
+    ) -> Result<&'static str, Halt> {
         let deps = &self.deps;
         let received_at = match origin {
             Origin::Webhook { received_at, .. } => received_at,
             Origin::Job => None,
         };
+        let Some(mut call) = deps.calls.get(call_id).await? else {
+            return Ok("unknown_call");
+        };
+        // Checked once the call exists and before anything is sent (the other half of the
+        // ordering is in `ended`: tombstone first, then the call).
+        if matches!(
+            call.inbound_step(),
+            InboundStep::Route | InboundStep::Dispatch(_) | InboundStep::Reconcile(_)
+        ) {
+            if let Some(ended) = self.ended_first(&call).await? {
+                dispatched_metric("skipped_ended");
+                let _ = ended;
+                return Ok("skipped_ended");
+            }
+        }
         let mut result = "duplicate";
-        // Each pass takes one step; a call needs at most a handful.
+        // Each pass takes one step; a call needs a handful at most.
         for _ in 0..8 {
-            let Some(call) = deps.calls.get(call_id).await? else {
-                return Ok("unknown_call");
-            };
             let now = deps.clock.now();
-            match call.inbound_step() {
+            call = match call.inbound_step() {
+                InboundStep::HangUp => self.hang_up(call).await?,
                 InboundStep::Done => {
-                    if result == "duplicate" {
-                        dispatched_metric(if call.status == CallStatus::Unrouted {
-                            "unrouted"
-                        } else {
-                            "skipped_ended"
-                        });
-                    }
-                    self.release_slot(&call).await;
+                    self.release_slot(&call).await?;
                     return Ok(result);
                 }
                 InboundStep::Route => {
-                    self.route(&call, now).await?;
                     result = "applied";
+                    self.route(call, now).await?
                 }
-                InboundStep::Dispatch(n) => {
-                    if self.ended_first(&call).await? {
-                        dispatched_metric("skipped_ended");
-                        return Ok("skipped_ended");
-                    }
-                    self.dispatch(&call, n, None, received_at).await?;
+                InboundStep::Dispatch(n) | InboundStep::Reconcile(n) => {
                     result = "applied";
-                }
-                InboundStep::Reconcile(n) => {
-                    if self.ended_first(&call).await? {
-                        dispatched_metric("skipped_ended");
-                        return Ok("skipped_ended");
-                    }
-                    let started = call
-                        .inbound
-                        .as_ref()
-                        .and_then(|l| l.dispatches.iter().find(|d| d.n == n))
-                        .and_then(|d| d.started_at);
-                    self.dispatch(&call, n, started, received_at).await?;
-                    result = "applied";
+                    self.dispatch(call, n, lock, received_at).await?
                 }
                 InboundStep::AwaitAgent { n, due } => {
                     if now < due {
@@ -431,8 +473,8 @@ impl Inbound {
                         }
                         return Ok(result);
                     }
-                    self.check_agent(&call, n).await?;
                     result = "applied";
+                    self.check_agent(call, n).await?
                 }
                 InboundStep::Live => {
                     if origin == Origin::Job {
@@ -443,20 +485,24 @@ impl Inbound {
                     }
                     return Ok(result);
                 }
-            }
+            };
         }
         Ok(result)
     }
 
-    /// Whether the call's end was seen before its dispatch (the tombstone); if so, ends
-    /// the call here.
-    async fn ended_first(&self, call: &Call) -> Result<bool, Halt> {
+    /// The call's end, if it was seen before its dispatch (the tombstone): the call is
+    /// ended here and returned.
+    async fn ended_first(&self, call: &Call) -> Result<Option<Call>, Halt> {
         let store = self.deps.calls.store();
-        if store.get_key(&tombstone(&call.id)).await?.is_none() {
-            return Ok(false);
+        let Some(who) = store.get_key(&tombstone(&call.id)).await? else {
+            return Ok(None);
+        };
+        let caller = (who != ROOM_GONE).then_some(who.as_str());
+        if !ends_call(call, caller) {
+            return Ok(None);
         }
         let now = self.deps.clock.now();
-        if let Some((call, Some(_))) = self
+        let Some((call, ended)) = self
             .deps
             .calls
             .update(&call.id, |c| {
@@ -467,18 +513,38 @@ impl Inbound {
                 )
             })
             .await?
-        {
-            self.finish(&call).await;
+        else {
+            return Ok(None);
+        };
+        if ended.is_some() {
+            self.finish(&call).await?;
         }
-        Ok(true)
+        Ok(Some(call))
+    }
+
+    /// The call, written through `change`; gone calls are an error (records are never
+    /// deleted while a call is handled).
+    async fn write<T>(
+        &self,
+        id: &str,
+        change: impl FnMut(&mut Call) -> T,
+    ) -> Result<(Call, T), Halt> {
+        self.deps.calls.update(id, change).await?.ok_or_else(|| {
+            Halt::Infra(InfraError::Calls(
+                callfleet_core::calls::CallBookError::Corrupt {
+                    id: id.to_owned(),
+                    reason: "the call record vanished".into(),
+                },
+            ))
+        })
     }
 
     /// Routes the call: resolve from memory, then take a slot of the chosen profile (the
     /// cap is enforced here, atomically; a profile found full is excluded and the call
-    /// resolved again).
-    async fn route(&self, call: &Call, now: DateTime<Utc>) -> Result<(), Halt> {
+    /// resolved again), then record the decision and plan the dispatch in one write.
+    async fn route(&self, call: Call, now: DateTime<Utc>) -> Result<Call, Halt> {
         let Some(leg) = &call.inbound else {
-            return Ok(());
+            return Ok(call);
         };
         let loads = self.routing.loads();
         let mut full: Vec<String> = Vec::new();
@@ -491,13 +557,11 @@ impl Inbound {
                 at: now,
                 call_key: &call.id,
             };
-            let decision = self.routing.resolve(
-                &q,
-                &Excluding {
-                    loads: loads.as_ref(),
-                    full: &full,
-                },
-            );
+            let excluding = Excluding {
+                loads: loads.as_ref(),
+                full: &full,
+            };
+            let decision = self.routing.resolve(&q, &excluding);
             let Some(p) = decision.profile() else {
                 break (decision, None);
             };
@@ -515,54 +579,87 @@ impl Inbound {
                 let id = p.id.clone();
                 break (decision, Some(id));
             }
-            if full.len() >= 16 {
-                break (decision, None);
-            }
             full.push(p.id.clone());
+            if full.len() >= MAX_FULL_PROFILES {
+                // Every profile tried was full by the time its slot was asked for.
+                let cause = Ineligible::AtCapacity;
+                break (
+                    Decision {
+                        profile: None,
+                        reason: RouteReason::Unrouted { cause },
+                        considered: decision.considered,
+                    },
+                    None,
+                );
+            }
         };
         let record = RoutingRecord::of(&decision, now);
-        let unrouted = decision.profile.is_none();
-        let (call, _) = self
-            .deps
-            .calls
-            .update(&call.id, |c| c.routed(record.clone(), slot.clone(), now))
-            .await?
-            .ok_or(Halt::Infra(InfraError::Calls(
-                callfleet_core::calls::CallBookError::Corrupt {
-                    id: call.id.clone(),
-                    reason: "vanished while routing".into(),
-                },
-            )))?;
-        if call.routing.as_ref() != Some(&record) {
+        let hang_up = self.settings.unrouted == UnroutedAction::Hangup;
+        let plan = decision
+            .profile()
+            .map(|p| (p.id.clone(), p.agent_name.clone(), p.metadata.clone()));
+        let (call, ours) = self
+            .write(&call.id, |c| {
+                if c.routing.is_some() {
+                    return false;
+                }
+                c.routed(record.clone(), slot.clone(), hang_up, now);
+                if let Some((profile, agent, metadata)) = &plan {
+                    let metadata = c.inbound_metadata(metadata, 1);
+                    c.plan_dispatch(1, Some(profile.clone()), agent.clone(), metadata);
+                }
+                true
+            })
+            .await?;
+        if !ours {
             // Someone routed it first; our slot (if it differs) goes back.
             if let Some(s) = &slot {
                 if call.inbound.as_ref().and_then(|l| l.slot.as_deref()) != Some(s) {
-                    let _ = self.routing.store().release_slot(s, &call.id).await;
+                    self.routing.store().release_slot(s, &call.id).await?;
                 }
             }
-            return Ok(());
+            return Ok(call);
         }
         tracing::info!(decision = %record.decision, profile = ?record.profile_id, "inbound call routed");
-        if unrouted {
-            dispatched_metric("unrouted");
-            metrics::counter!(m::CALLS_FINISHED, "direction" => "inbound", "status" => "unrouted")
-                .increment(1);
-            if self.settings.unrouted == UnroutedAction::Hangup {
-                self.hang_up(&call, "unrouted").await?;
+        match record.reason.result() {
+            "unrouted" => {
+                dispatched_metric("unrouted");
+                metrics::counter!(m::CALLS_FINISHED, "direction" => "inbound", "status" => "unrouted")
+                    .increment(1);
             }
-        } else if record.reason.result() == "fallback" || record.reason.result() == "default" {
-            dispatched_metric("fallback");
+            "fallback" | "default" => dispatched_metric("fallback"),
+            _ => {}
         }
-        Ok(())
+        Ok(call)
     }
 
-    /// Removes the caller (RemoveParticipant), and records that it was done.
-    async fn hang_up(&self, call: &Call, why: &str) -> Result<(), Halt> {
+    /// Removes the caller (RemoveParticipant) the call's record says must go, and records
+    /// that it was done. A caller LiveKit has rule agents for is left alone: the rule
+    /// serves the number, callfleet just does not route it.
+    async fn hang_up(&self, call: Call) -> Result<Call, Halt> {
         let Some(leg) = &call.inbound else {
-            return Ok(());
+            return Ok(call);
         };
-        match self
-            .deps
+        let deps = &self.deps;
+        if leg.hangup_reason.as_deref() == Some("unrouted") {
+            let dispatches = steps::list_dispatches(deps.livekit.as_ref(), &call.room_name)
+                .await
+                .map_err(Halt::LiveKit)?;
+            if !dispatches.is_empty() {
+                let now = deps.clock.now();
+                let (call, _) = self
+                    .write(&call.id, |c| {
+                        if let Some(l) = c.inbound.as_mut() {
+                            if l.hangup_reason.take().is_some() {
+                                c.note(now, "left_to_rule_agents", None);
+                            }
+                        }
+                    })
+                    .await?;
+                return Ok(call);
+            }
+        }
+        match deps
             .livekit
             .remove_participant(&call.room_name, &leg.participant_identity)
             .await
@@ -571,104 +668,81 @@ impl Inbound {
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(Halt::LiveKit(e)),
         }
-        let now = self.deps.clock.now();
-        self.deps
-            .calls
-            .update(&call.id, |c| c.hung_up(now, why))
-            .await?;
-        Ok(())
+        let now = deps.clock.now();
+        let (call, _) = self.write(&call.id, |c| c.hung_up(now)).await?;
+        Ok(call)
     }
 
     fn profile(&self, id: Option<&str>) -> Option<Arc<RoutedProfile>> {
         self.routing.table().get(id?).cloned()
     }
 
-    /// Dispatch `n`: planned, journalled, checked against what LiveKit already has, then
-    /// sent once. `started`: an earlier send's journal time (its answer may be lost).
+    /// Dispatch `n`, sent once: LiveKit is asked what the room already has (ours after a
+    /// lost answer, the rule's own agent, an agent already joined), an earlier send that
+    /// may still land is waited out, the lock is renewed, the send is stamped in the
+    /// journal (only if nobody stamped since we looked), and only then sent.
     async fn dispatch(
         &self,
-        call: &Call,
+        call: Call,
         n: u32,
-        started: Option<DateTime<Utc>>,
+        lock: &mut CallLock,
         received_at: Option<DateTime<Utc>>,
-    ) -> Result<(), Halt> {
+    ) -> Result<Call, Halt> {
         let deps = &self.deps;
-        let now = deps.clock.now();
-        let routing = call.routing.as_ref();
-        // The dispatch planned for `n`, or (first pass) the routed profile's.
-        let planned = call
+        let Some(planned) = call
             .inbound
             .as_ref()
             .and_then(|l| l.dispatches.iter().find(|d| d.n == n))
-            .cloned();
-        let (profile_id, agent, metadata) = match planned {
-            Some(d) => (d.profile_id, d.agent_name, d.metadata),
-            None => {
-                let profile_id = routing.and_then(|r| r.profile_id.clone());
-                let profile = self.profile(profile_id.as_deref());
-                let agent = routing
-                    .and_then(|r| r.agent_name.clone())
-                    .unwrap_or_else(|| deps.settings.default_agent.clone());
-                let profile_metadata = profile
-                    .map(|p| p.profile.metadata.clone())
-                    .unwrap_or_default();
-                (
-                    profile_id,
-                    agent,
-                    call.inbound_metadata(&profile_metadata, n),
-                )
-            }
+            .cloned()
+        else {
+            return Ok(call);
         };
-        // Journal before sending: from here on a dispatch may exist.
-        let (call, may_send) = deps
-            .calls
-            .update(&call.id, |c| {
-                c.plan_dispatch(n, profile_id.clone(), agent.clone(), metadata.clone());
-                c.dispatch_starting(n, now)
-            })
-            .await?
-            .ok_or(Halt::LookAgain(Duration::from_secs(1)))?;
-        if !may_send {
-            return Ok(());
-        }
-        // What LiveKit already has in the room: ours (an answer lost), or the dispatch
-        // rule's own agent (`room_config.agents`): then nothing is sent.
+        let join_timeout = self
+            .profile(planned.profile_id.as_deref())
+            .map_or(DEFAULT_AGENT_JOIN_TIMEOUT_S, |p| {
+                p.profile.agent_join_timeout_s
+            });
+        let join_timeout = chrono::Duration::seconds(i64::from(join_timeout));
         let existing = steps::list_dispatches(deps.livekit.as_ref(), &call.room_name)
             .await
             .map_err(Halt::LiveKit)?;
-        let join_timeout = self
-            .profile(profile_id.as_deref())
-            .map_or(20, |p| p.profile.agent_join_timeout_s);
-        let join_timeout = chrono::Duration::seconds(i64::from(join_timeout));
         if let Some(ours) = existing.iter().find(|d| {
-            d.agent_name == agent
-                && steps::metadata_attempt(&d.metadata) == Some(n)
+            steps::metadata_attempt(&d.metadata) == Some(n)
                 && metadata_call(&d.metadata).as_deref() == Some(call.id.as_str())
         }) {
             dispatched_metric("duplicate_prevented");
+            let id = ours.id.clone();
             return self
-                .record_dispatched(&call, n, Some(ours.id.clone()), false, join_timeout)
+                .record_dispatched(&call, n, Some(id), false, join_timeout)
                 .await;
         }
-        if call
+        let agent_here = call
             .inbound
             .as_ref()
-            .is_some_and(|l| l.agent_joined_at.is_some())
-        {
-            // An agent is already in the room: whatever became of this dispatch, another
-            // would be a second agent.
-            deps.calls
-                .update(&call.id, |c| c.dispatch_confirmed_by_agent(n))
+            .is_some_and(|l| l.agent_joined_at.is_some());
+        if agent_here {
+            // An agent is in the room: whatever became of this dispatch, another would be
+            // a second agent.
+            let (call, _) = self
+                .write(&call.id, |c| c.dispatch_confirmed_by_agent(n))
                 .await?;
-            return Ok(());
+            return Ok(call);
         }
-        if n == 1 && existing.iter().any(|d| d.agent_name == agent) {
+        // Any dispatch this call did not make is the dispatch rule's (`room_config.agents`):
+        // the room has its agent, a second would talk over it.
+        if n == 1
+            && existing
+                .iter()
+                .any(|d| metadata_call(&d.metadata).as_deref() != Some(call.id.as_str()))
+        {
             dispatched_metric("dispatched_by_rule");
             return self
                 .record_dispatched(&call, n, None, true, join_timeout)
                 .await;
         }
-        if let Some(sent) = started {
+        let now = deps.clock.now();
+        if let Some(sent) = planned.started_at {
+            // Sent before and not found: it may still be on its way in LiveKit.
             let waited = (now - sent).to_std().unwrap_or_default();
             if let DispatchDecision::LookAgain(after) =
                 steps::decide_dispatch(Some(waited), deps.settings.livekit_settle)
@@ -676,12 +750,28 @@ impl Inbound {
                 return Err(Halt::LookAgain(after));
             }
         }
+        if !self.keep_lock(lock).await? {
+            return Err(Halt::Busy);
+        }
+        let (call, may_send) = self
+            .write(&call.id, |c| c.dispatch_stamp(n, planned.started_at, now))
+            .await?;
+        if !may_send {
+            // Ended meanwhile, or another worker stamped it: its turn.
+            return Ok(call);
+        }
         if let Some(at) = received_at {
             let secs = (Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0;
             metrics::histogram!(m::INBOUND_DISPATCH_SECONDS).record(secs);
         }
-        match steps::create_dispatch(deps.livekit.as_ref(), &call.room_name, &agent, &metadata)
-            .await
+        let agent = planned.agent_name.clone();
+        match steps::create_dispatch(
+            deps.livekit.as_ref(),
+            &call.room_name,
+            &agent,
+            &planned.metadata,
+        )
+        .await
         {
             Ok(d) => {
                 dispatched_metric(if n == 1 { "dispatched" } else { "fallback" });
@@ -689,8 +779,15 @@ impl Inbound {
                 self.record_dispatched(&call, n, Some(d.id), false, join_timeout)
                     .await
             }
-            // Maybe carried out: the next pass reconciles (ListDispatch) before any repeat.
-            Err(e) => Err(Halt::LiveKit(e)),
+            Err(e) => {
+                if !e.failure.maybe_processed() {
+                    // LiveKit did nothing: the next try need not wait for it.
+                    self.write(&call.id, |c| c.dispatch_not_sent(n, now))
+                        .await?;
+                }
+                // Maybe carried out: the next pass looks in LiveKit before any repeat.
+                Err(Halt::LiveKit(e))
+            }
         }
     }
 
@@ -701,19 +798,24 @@ impl Inbound {
         dispatch_id: Option<String>,
         by_rule: bool,
         join_timeout: chrono::Duration,
-    ) -> Result<(), Halt> {
+    ) -> Result<Call, Halt> {
         let now = self.deps.clock.now();
-        let updated = self
-            .deps
-            .calls
-            .update(&call.id, |c| {
+        let (call, recorded) = self
+            .write(&call.id, |c| {
                 c.dispatched(n, dispatch_id.clone(), by_rule, join_timeout, now)
             })
             .await?;
-        if let Some((call, true)) = updated {
-            self.queue_check(&call, n, now + join_timeout).await?;
+        if recorded {
+            if let Some(due) = call
+                .inbound
+                .as_ref()
+                .and_then(|l| l.dispatches.iter().find(|d| d.n == n))
+                .and_then(|d| d.agent_due_at)
+            {
+                self.queue_check(&call, n, due).await?;
+            }
         }
-        Ok(())
+        Ok(call)
     }
 
     /// The agent check of dispatch `n`, due at `due`.
@@ -731,8 +833,10 @@ impl Inbound {
     }
 
     /// The agent of dispatch `n` is due: has it joined (its webhook may be late)? If not,
-    /// the profile's fallback agent once, or hang up.
-    async fn check_agent(&self, call: &Call, n: u32) -> Result<(), Halt> {
+    /// in one write: the fallback's dispatch planned (its slot taken, the missing agent's
+    /// dispatch withdrawn so a late joiner does not make two), or the call failed with
+    /// its caller to be hung up.
+    async fn check_agent(&self, call: Call, n: u32) -> Result<Call, Halt> {
         let deps = &self.deps;
         let participants = match deps.livekit.list_participants(&call.room_name).await {
             Ok(ps) => ps,
@@ -744,10 +848,10 @@ impl Inbound {
             .iter()
             .find(|p| p.kind == proto::participant_info::Kind::Agent as i32);
         if let Some(agent) = agent {
-            deps.calls
-                .update(&call.id, |c| c.agent_joined(&agent.identity, now))
+            let (call, _) = self
+                .write(&call.id, |c| c.agent_joined(&agent.identity, now))
                 .await?;
-            return Ok(());
+            return Ok(call);
         }
         let caller_here = call.inbound.as_ref().is_some_and(|l| {
             participants
@@ -756,76 +860,83 @@ impl Inbound {
         });
         if !caller_here {
             // The caller is gone and no webhook said so.
-            if let Some((call, Some(_))) = deps
-                .calls
-                .update(&call.id, |c| {
+            let (call, ended) = self
+                .write(&call.id, |c| {
                     c.inbound_ended(
                         InboundEnd::CallerLeft,
                         Some("caller gone (agent check)".into()),
                         now,
                     )
                 })
-                .await?
-            {
-                self.finish(&call).await;
+                .await?;
+            if ended.is_some() {
+                self.finish(&call).await?;
             }
-            return Ok(());
+            return Ok(call);
         }
-        let (call, changed) = deps
-            .calls
-            .update(&call.id, |c| c.no_agent(n, now))
-            .await?
-            .ok_or(Halt::LookAgain(Duration::from_secs(1)))?;
-        if !changed {
-            return Ok(());
-        }
-        dispatched_metric("no_agent");
-        tracing::warn!(dispatch = n, "the dispatched agent did not join in time");
-        let profile_id = call
+        let missing = call
             .inbound
             .as_ref()
             .and_then(|l| l.dispatches.iter().find(|d| d.n == n))
-            .and_then(|d| d.profile_id.clone());
+            .cloned();
+        let profile_id = missing.as_ref().and_then(|d| d.profile_id.clone());
         let profile = self.profile(profile_id.as_deref());
         let wants_fallback = profile
             .as_ref()
             .is_none_or(|p| p.profile.on_no_agent == NoAgentAction::Fallback);
+        let mut fallback = None;
         if n == 1 && wants_fallback {
             let table = self.routing.table();
             let mut considered = Vec::new();
-            let fallback = profile_id.as_deref().and_then(|id| {
+            let found = profile_id.as_deref().and_then(|id| {
                 table.fallback_of(id, now, self.routing.loads().as_ref(), &mut considered)
             });
-            if let Some(fb) = fallback {
+            if let Some(fb) = found {
                 let fb = &fb.profile;
-                let metadata = call.inbound_metadata(&fb.metadata, 2);
-                let (fb_id, fb_agent) = (fb.id.clone(), fb.agent_name.clone());
-                deps.calls
-                    .update(&call.id, |c| {
-                        if c.plan_dispatch(
-                            2,
-                            Some(fb_id.clone()),
-                            fb_agent.clone(),
-                            metadata.clone(),
-                        ) {
-                            c.note(now, "fallback_after_no_agent", Some(fb_id.clone()));
-                        }
-                    })
-                    .await?;
-                return Ok(());
+                let cap = fb.max_concurrent_calls;
+                let store = self.routing.store();
+                if store
+                    .claim_slot(&fb.id, &call.id, cap, self.settings.slot_ttl)
+                    .await?
+                {
+                    let metadata = call.inbound_metadata(&fb.metadata, n + 1);
+                    fallback = Some((fb.id.clone(), fb.agent_name.clone(), metadata));
+                }
             }
         }
-        self.hang_up(&call, "no_agent").await?;
-        if let Some((call, Some(_))) = deps
-            .calls
-            .update(&call.id, |c| {
-                c.inbound_ended(InboundEnd::NoAgent, None, now)
-            })
-            .await?
-        {
-            self.finish(&call).await;
+        let old_slot = call.inbound.as_ref().and_then(|l| l.slot.clone());
+        let (call, changed) = self
+            .write(&call.id, |c| c.agent_missing(n, fallback.clone(), now))
+            .await?;
+        if !changed {
+            if let Some((fb, _, _)) = &fallback {
+                if call.inbound.as_ref().and_then(|l| l.slot.as_deref()) != Some(fb) {
+                    self.routing.store().release_slot(fb, &call.id).await?;
+                }
+            }
+            return Ok(call);
         }
-        Ok(())
+        dispatched_metric("no_agent");
+        tracing::warn!(
+            dispatch = n,
+            fallback = fallback.is_some(),
+            "the dispatched agent did not join in time"
+        );
+        if fallback.is_some() {
+            // The call now holds the fallback's slot; the first profile's goes back.
+            if let Some(old) = old_slot {
+                self.routing.store().release_slot(&old, &call.id).await?;
+            }
+            // Withdrawn, so an agent that turns up late does not make two.
+            if let Some(id) = missing.and_then(|d| d.dispatch_id) {
+                if let Err(e) = deps.livekit.delete_dispatch(&call.room_name, &id).await {
+                    tracing::debug!(error = %e, "the missing agent's dispatch was not withdrawn");
+                }
+            }
+        } else {
+            self.finish(&call).await?;
+        }
+        Ok(call)
     }
 
     /// The call is live and quiet: ask LiveKit whether the caller is still there (a lost
@@ -845,23 +956,43 @@ impl Inbound {
             return Ok(());
         }
         let now = self.deps.clock.now();
-        if let Some((call, Some(_))) = self
-            .deps
-            .calls
-            .update(&call.id, |c| {
+        let (call, ended) = self
+            .write(&call.id, |c| {
                 c.inbound_ended(
                     InboundEnd::CallerLeft,
                     Some("caller gone (sweeper)".into()),
                     now,
                 )
             })
-            .await?
-        {
-            self.finish(&call).await;
+            .await?;
+        if ended.is_some() {
+            self.finish(&call).await?;
         }
         Ok(())
     }
 }
+
+/// The call's lock as one `drive` holds it.
+struct CallLock {
+    name: String,
+    /// `None` once it lapsed.
+    token: Option<LockToken>,
+    taken: Instant,
+}
+
+/// Whether the departure of `caller` (`None`: the room finished) ends `call`.
+fn ends_call(call: &Call, caller: Option<&str>) -> bool {
+    match (caller, &call.inbound) {
+        (None, _) => true,
+        (Some(who), Some(leg)) => leg.participant_identity == who,
+        (Some(_), None) => false,
+    }
+}
+
+/// Tombstone value of a room that finished (any caller identity is stored as itself).
+const ROOM_GONE: &str = "\u{0}room";
+/// How many full profiles a call is offered before it is unrouted at capacity.
+const MAX_FULL_PROFILES: usize = 16;
 
 /// The `call_id` a dispatch's metadata names (dispatches callfleet created carry it).
 fn metadata_call(metadata: &str) -> Option<String> {

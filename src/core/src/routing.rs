@@ -78,26 +78,49 @@ impl RoutingCache {
         decision
     }
 
-    /// Brings the table up to the store's version; true if anything changed.
+    /// Brings the table up to the store's version (true if anything changed), then reads
+    /// the profiles' loads. Serialised: the poller and an admin write that wants its own
+    /// change served at once never apply out of order.
     pub async fn refresh(&self) -> Result<bool, StoreError> {
         let _one = self.refreshing.lock().await;
-        let loads = self.store.loads().await?;
-        self.export_loads(&loads);
-        *self.loads.write() = Arc::new(loads);
         let ours = self.version();
         let theirs = self.store.version().await?;
-        if theirs == ours {
-            return Ok(false);
+        let changed = if theirs == ours {
+            false
+        } else if theirs < ours {
+            // The store went back (flushed, restored, failed over without the latest
+            // writes): what it holds now is the truth, deletions included.
+            tracing::warn!(
+                ours,
+                theirs,
+                "the routing store's version went back; reloading the whole table"
+            );
+            let all = self.store.changes_since(0).await?;
+            let mut table = RoutingTable::new(self.table().default_profile().map(str::to_owned));
+            for p in all.upserts {
+                table.upsert(p);
+            }
+            self.swap(table, all.version, true);
+            true
+        } else {
+            let changes = self.store.changes_since(ours).await?;
+            self.apply(changes.upserts, &changes.deletes, changes.version);
+            true
+        };
+        // Loads are read after the table, and their failure does not hold the table back.
+        match self.store.loads().await {
+            Ok(loads) => {
+                self.export_loads(&loads);
+                *self.loads.write() = Arc::new(loads);
+            }
+            Err(e) => tracing::debug!(error = %e, "profile loads not refreshed"),
         }
-        let changes = self.store.changes_since(ours).await?;
-        self.apply(changes.upserts, &changes.deletes, changes.version);
-        Ok(true)
+        Ok(changed)
     }
 
     /// Applies changes to a copy of the table and swaps it in (readers keep their
-    /// snapshot). Used by the poller, and by an admin write so the instance that made a
-    /// change serves it at once.
-    pub fn apply(&self, upserts: Vec<Profile>, deletes: &[String], version: u64) {
+    /// snapshot). Only `refresh` calls it, under its lock.
+    fn apply(&self, upserts: Vec<Profile>, deletes: &[String], version: u64) {
         if upserts.is_empty() && deletes.is_empty() {
             self.version.fetch_max(version, Ordering::AcqRel);
             return;
@@ -109,9 +132,17 @@ impl RoutingCache {
         for p in upserts {
             table.upsert(p);
         }
+        self.swap(table, version, false);
+    }
+
+    fn swap(&self, table: RoutingTable, version: u64, reset: bool) {
         metrics::gauge!(m::ROUTING_PROFILES).set(table.len() as f64);
         *self.table.write() = Arc::new(table);
-        self.version.fetch_max(version, Ordering::AcqRel);
+        if reset {
+            self.version.store(version, Ordering::Release);
+        } else {
+            self.version.fetch_max(version, Ordering::AcqRel);
+        }
         metrics::gauge!(m::ROUTING_TABLE_VERSION).set(self.version() as f64);
     }
 

@@ -53,24 +53,36 @@ fn validate(
         .map_err(|e| invalid(format!("{prefix}{}", e.field), e.message))
 }
 
-/// Stores `profile` and applies it to this instance's table at once.
+/// Brings this instance's table up to the store after a write, so what was just written
+/// is served here at once (other instances follow within a second). A failure only
+/// delays that; the write itself succeeded.
+async fn caught_up(state: &IngressState) {
+    if let Err(e) = state.routing.refresh().await {
+        tracing::warn!(error = %e, "routing table not refreshed after a write; the poller will");
+    }
+}
+
+/// Stores `profile` and serves it here at once.
 async fn save(state: &IngressState, profile: Profile) -> Result<Profile, ApiError> {
-    let version = state
+    state
         .routing
         .store()
         .put(&profile)
         .await
         .map_err(unavailable)?;
-    state.routing.apply(vec![profile.clone()], &[], version);
+    caught_up(state).await;
     Ok(profile)
 }
 
-fn current(state: &IngressState, id: &str) -> Result<Profile, ApiError> {
+/// The profile as stored (not this instance's copy, which may be a moment behind): what a
+/// read-modify-write starts from.
+async fn current(state: &IngressState, id: &str) -> Result<Profile, ApiError> {
     state
         .routing
-        .table()
+        .store()
         .get(id)
-        .map(|p| p.profile.clone())
+        .await
+        .map_err(unavailable)?
         .ok_or_else(|| ApiError::NotFound(format!("no profile {id}")))
 }
 
@@ -123,7 +135,7 @@ pub async fn patch(
     if !patch.is_object() {
         return Err(invalid("body", "must be a JSON object (a merge patch)"));
     }
-    let existing = current(&state, &id)?;
+    let existing = current(&state, &id).await?;
     let mut merged = existing.to_input();
     merge_patch(&mut merged, &patch);
     let input: ProfileInput = from_value(merged)?;
@@ -137,7 +149,7 @@ async fn set_status(
     status: ProfileStatus,
 ) -> Result<Json<Profile>, ApiError> {
     let id = profile_id(id)?;
-    let mut profile = current(&state, &id)?;
+    let mut profile = current(&state, &id).await?;
     profile.status = status;
     profile.updated_at = state.clock.now();
     Ok(Json(save(&state, profile).await?))
@@ -172,8 +184,8 @@ pub async fn delete(
         .await
         .map_err(unavailable)?
     {
-        Some(version) => {
-            state.routing.apply(vec![], &[id], version);
+        Some(_) => {
+            caught_up(&state).await;
             Ok(StatusCode::NO_CONTENT)
         }
         None => Err(ApiError::NotFound(format!("no profile {id}"))),
@@ -185,7 +197,13 @@ pub async fn get_one(
     State(state): State<IngressState>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Profile>, ApiError> {
-    Ok(Json(current(&state, &profile_id(id)?)?))
+    let id = profile_id(id)?;
+    state
+        .routing
+        .table()
+        .get(&id)
+        .map(|p| Json(p.profile.clone()))
+        .ok_or_else(|| ApiError::NotFound(format!("no profile {id}")))
 }
 
 #[derive(Debug, Deserialize)]
@@ -360,11 +378,14 @@ pub async fn import(
             ApiError::Invalid { field, message } => invalid(format!("{at}{field}"), message),
             other => other,
         })?;
-        let existing = input
-            .id
-            .as_deref()
-            .and_then(|id| table.get(id))
-            .map(|p| p.profile.clone());
+        // Ids make an import repeatable: without one, every run would add copies.
+        let Some(id) = input.id.clone() else {
+            return Err(invalid(
+                format!("{at}id"),
+                "is required in an import (an export carries every id)",
+            ));
+        };
+        let existing = table.get(&id).map(|p| p.profile.clone());
         let mut profile = validate(&state, input, None, existing.as_ref(), &at)?;
         if !seen.insert(profile.id.clone()) {
             return Err(invalid(format!("{at}id"), "appears twice in the import"));
@@ -383,7 +404,7 @@ pub async fn import(
     let version = state
         .routing
         .store()
-        .import(&profiles, replace_all)
+        .import(&profiles, replace_all.then_some(&seen))
         .await
         .map_err(unavailable)?;
     let count = profiles.len();
@@ -398,7 +419,7 @@ pub async fn import(
         Vec::new()
     };
     let deleted = deletes.len();
-    state.routing.apply(profiles, &deletes, version);
+    caught_up(&state).await;
     Ok(Json(
         json!({"imported": count, "unchanged": unchanged, "deleted": deleted, "version": version}),
     ))

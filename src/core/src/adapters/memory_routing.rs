@@ -71,15 +71,17 @@ impl RoutingStore for MemoryRouting {
         Ok(self.state.lock().await.profiles.get(id).cloned())
     }
 
-    async fn import(&self, profiles: &[Profile], replace_all: bool) -> Result<u64, StoreError> {
+    async fn import(
+        &self,
+        profiles: &[Profile],
+        keep: Option<&std::collections::HashSet<String>>,
+    ) -> Result<u64, StoreError> {
         let mut s = self.state.lock().await;
-        if replace_all {
-            let keep: std::collections::HashSet<&str> =
-                profiles.iter().map(|p| p.id.as_str()).collect();
+        if let Some(keep) = keep {
             let gone: Vec<String> = s
                 .profiles
                 .keys()
-                .filter(|id| !keep.contains(id.as_str()))
+                .filter(|id| !keep.contains(*id))
                 .cloned()
                 .collect();
             if !gone.is_empty() {

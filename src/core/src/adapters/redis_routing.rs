@@ -168,19 +168,22 @@ impl RoutingStore for RedisRouting {
         json.map(|j| decode(id, &j)).transpose()
     }
 
-    async fn import(&self, profiles: &[Profile], replace_all: bool) -> Result<u64, StoreError> {
+    async fn import(
+        &self,
+        profiles: &[Profile],
+        keep: Option<&HashSet<String>>,
+    ) -> Result<u64, StoreError> {
         let mut version = self.version().await?;
-        if replace_all {
+        if let Some(keep) = keep {
             let mut conn = self.conn.clone();
             let existing: Vec<String> = redis::cmd("HKEYS")
                 .arg(self.key("profiles"))
                 .query_async(&mut conn)
                 .await
                 .map_err(err)?;
-            let keep: HashSet<&str> = profiles.iter().map(|p| p.id.as_str()).collect();
             let gone: Vec<String> = existing
                 .into_iter()
-                .filter(|id| !keep.contains(id.as_str()))
+                .filter(|id| !keep.contains(id))
                 .collect();
             for chunk in gone.chunks(CHUNK) {
                 version = version.max(self.delete_many(chunk).await?);

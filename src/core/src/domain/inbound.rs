@@ -69,7 +69,11 @@ pub struct InboundLeg {
     pub slot: Option<String>,
     #[serde(default)]
     pub slot_released: bool,
-    /// The caller was told to go (unrouted, or no agent joined); the request was sent.
+    /// The caller must be told to go (`unrouted`, `no_agent`): recorded with the decision
+    /// itself, so a worker that dies before RemoveParticipant leaves it to the next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hangup_reason: Option<String>,
+    /// The caller was told to go; the request was carried out.
     #[serde(default)]
     pub hung_up: bool,
 }
@@ -122,6 +126,8 @@ pub enum InboundStep {
     AwaitAgent { n: u32, due: DateTime<Utc> },
     /// The agent joined: the call runs until the caller leaves.
     Live,
+    /// The caller must be removed (the decision is recorded; the request is not yet done).
+    HangUp,
     /// Nothing more to do (ended, unrouted).
     Done,
 }
@@ -161,6 +167,7 @@ pub fn inbound_facts(room: &RoomRef, p: &ParticipantRef, at: DateTime<Utc>) -> I
         no_agent_at: None,
         slot: None,
         slot_released: false,
+        hangup_reason: None,
         hung_up: false,
     }
 }
@@ -214,6 +221,9 @@ impl Call {
         let Some(leg) = &self.inbound else {
             return InboundStep::Done;
         };
+        if leg.hangup_reason.is_some() && !leg.hung_up {
+            return InboundStep::HangUp;
+        }
         if self.status.is_terminal() {
             return InboundStep::Done;
         }
@@ -243,7 +253,13 @@ impl Call {
     }
 
     /// Records the routing decision. An unrouted call ends here (`unrouted`).
-    pub fn routed(&mut self, record: RoutingRecord, slot: Option<String>, at: DateTime<Utc>) {
+    pub fn routed(
+        &mut self,
+        record: RoutingRecord,
+        slot: Option<String>,
+        hang_up_unrouted: bool,
+        at: DateTime<Utc>,
+    ) {
         if self.routing.is_some() || self.status.is_terminal() {
             return;
         }
@@ -256,6 +272,11 @@ impl Call {
         }
         if unrouted {
             self.end_reason = Some("unrouted".into());
+            if hang_up_unrouted {
+                if let Some(leg) = self.inbound.as_mut() {
+                    leg.hangup_reason = Some("unrouted".into());
+                }
+            }
             self.advance(CallStatus::Unrouted, at);
             self.finish_duration(at);
         }
@@ -310,15 +331,34 @@ impl Call {
             .find(|d| d.n == n)
     }
 
-    /// Journals that CreateDispatch `n` is about to be sent; false if the call ended or
-    /// the dispatch is already sent (the caller must then not send it).
-    pub fn dispatch_starting(&mut self, n: u32, at: DateTime<Utc>) -> bool {
+    /// Journals that CreateDispatch `n` is about to be sent (again), at `at`: only if the
+    /// call is live, the dispatch not yet settled, and its last stamp is still `expected`
+    /// (what the worker looked at before deciding to send; another worker's stamp in
+    /// between means it is that worker's turn). False: do not send.
+    pub fn dispatch_stamp(
+        &mut self,
+        n: u32,
+        expected: Option<DateTime<Utc>>,
+        at: DateTime<Utc>,
+    ) -> bool {
         if self.status.is_terminal() {
             return false;
         }
         match self.dispatch_mut(n) {
-            Some(d) if !d.done() => {
-                d.started_at.get_or_insert(at);
+            Some(d) if !d.done() && d.started_at == expected => {
+                d.started_at = Some(at);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// CreateDispatch `n` stamped `stamp` was refused outright (LiveKit did nothing): the
+    /// stamp goes, so the next try need not wait for it to settle.
+    pub fn dispatch_not_sent(&mut self, n: u32, stamp: DateTime<Utc>) -> bool {
+        match self.dispatch_mut(n) {
+            Some(d) if !d.done() && d.started_at == Some(stamp) => {
+                d.started_at = None;
                 true
             }
             _ => false,
@@ -386,15 +426,22 @@ impl Call {
         true
     }
 
-    /// Dispatch `n`'s agent did not join by its due time.
-    pub fn no_agent(&mut self, n: u32, at: DateTime<Utc>) -> bool {
+    /// Dispatch `n`'s agent did not join by its due time: in the same step, either the
+    /// fallback's dispatch is planned (`fallback`: its profile, agent and metadata; the
+    /// call now holds that profile's slot) or the call fails and its caller is to be hung
+    /// up.
+    pub fn agent_missing(
+        &mut self,
+        n: u32,
+        fallback: Option<(String, String, String)>,
+        at: DateTime<Utc>,
+    ) -> bool {
         let Some(leg) = self.inbound.as_mut() else {
             return false;
         };
         if leg.agent_joined_at.is_some() || self.status.is_terminal() {
             return false;
         }
-        leg.no_agent_at = Some(at);
         let Some(d) = leg.dispatches.iter_mut().find(|d| d.n == n) else {
             return false;
         };
@@ -402,16 +449,33 @@ impl Call {
             return false;
         }
         let agent = d.agent_name.clone();
+        leg.no_agent_at = Some(at);
         self.note(at, "agent_did_not_join", Some(agent));
+        match fallback {
+            Some((profile, agent, metadata)) => {
+                if let Some(leg) = self.inbound.as_mut() {
+                    leg.slot = Some(profile.clone());
+                }
+                self.plan_dispatch(n + 1, Some(profile.clone()), agent, metadata);
+                self.note(at, "fallback_after_no_agent", Some(profile));
+            }
+            None => {
+                if let Some(leg) = self.inbound.as_mut() {
+                    leg.hangup_reason = Some("no_agent".into());
+                }
+                self.inbound_ended(InboundEnd::NoAgent, None, at);
+            }
+        }
         true
     }
 
-    /// The caller was asked to go (unrouted with hang-up, or no agent).
-    pub fn hung_up(&mut self, at: DateTime<Utc>, why: &str) {
+    /// The caller was removed (or was already gone).
+    pub fn hung_up(&mut self, at: DateTime<Utc>) {
         if let Some(leg) = self.inbound.as_mut() {
             if !leg.hung_up {
                 leg.hung_up = true;
-                self.note(at, "caller_hung_up_by_fleet", Some(why.to_owned()));
+                let why = leg.hangup_reason.clone();
+                self.note(at, "caller_hung_up_by_fleet", why);
             }
         }
     }
@@ -565,7 +629,7 @@ mod tests {
             record.profile_id = Some("p".into());
             record.agent_name = Some("agent".into());
         }
-        c.routed(record, Some("p".into()), Utc::now());
+        c.routed(record, Some("p".into()), true, Utc::now());
     }
 
     #[test]
@@ -586,8 +650,13 @@ mod tests {
         assert_eq!(c.inbound_step(), InboundStep::Dispatch(1));
         assert!(c.plan_dispatch(1, Some("p".into()), "agent".into(), "{}".into()));
         assert_eq!(c.inbound_step(), InboundStep::Dispatch(1));
-        assert!(c.dispatch_starting(1, Utc::now()));
-        // Started, no answer recorded: the next look must reconcile, never resend.
+        let stamp = Utc::now();
+        assert!(c.dispatch_stamp(1, None, stamp));
+        assert!(
+            !c.dispatch_stamp(1, None, Utc::now()),
+            "another stamp came first"
+        );
+        // Started, no answer recorded: the next look must reconcile, never resend blindly.
         assert_eq!(c.inbound_step(), InboundStep::Reconcile(1));
         assert!(c.dispatched(
             1,
@@ -601,7 +670,7 @@ mod tests {
             InboundStep::AwaitAgent { n: 1, .. }
         ));
         assert!(
-            !c.dispatch_starting(1, Utc::now()),
+            !c.dispatch_stamp(1, Some(stamp), Utc::now()),
             "a sent dispatch is never sent again"
         );
         assert_eq!(c.status, CallStatus::AgentDispatched);
@@ -618,6 +687,17 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_dispatch_loses_its_stamp() {
+        let mut c = call();
+        routed(&mut c, false);
+        c.plan_dispatch(1, None, "agent".into(), "{}".into());
+        let stamp = Utc::now();
+        assert!(c.dispatch_stamp(1, None, stamp));
+        assert!(c.dispatch_not_sent(1, stamp));
+        assert_eq!(c.inbound_step(), InboundStep::Dispatch(1));
+    }
+
+    #[test]
     fn an_end_seen_first_blocks_the_dispatch() {
         let mut c = call();
         routed(&mut c, false);
@@ -627,15 +707,42 @@ mod tests {
             Some(InboundEnd::CallerLeft)
         );
         assert_eq!(c.status, CallStatus::Canceled);
-        assert!(!c.dispatch_starting(1, Utc::now()));
+        assert!(!c.dispatch_stamp(1, None, Utc::now()));
         assert_eq!(c.inbound_step(), InboundStep::Done);
     }
 
     #[test]
-    fn unrouted_calls_end_unrouted() {
+    fn unrouted_calls_end_unrouted_and_owe_a_hang_up() {
         let mut c = call();
         routed(&mut c, true);
         assert_eq!(c.status, CallStatus::Unrouted);
+        assert_eq!(c.inbound_step(), InboundStep::HangUp);
+        c.hung_up(Utc::now());
+        assert_eq!(c.inbound_step(), InboundStep::Done);
+    }
+
+    #[test]
+    fn a_missing_agent_plans_the_fallback_or_a_hang_up_in_one_step() {
+        let mut c = call();
+        routed(&mut c, false);
+        let second = chrono::Duration::seconds(1);
+        c.plan_dispatch(1, Some("p".into()), "agent".into(), "{}".into());
+        c.dispatch_stamp(1, None, Utc::now());
+        c.dispatched(1, Some("AD_1".into()), false, second, Utc::now());
+        let fallback = Some(("q".to_owned(), "backup".to_owned(), "{}".to_owned()));
+        assert!(c.agent_missing(1, fallback, Utc::now()));
+        assert_eq!(c.inbound_step(), InboundStep::Dispatch(2));
+        assert_eq!(
+            c.inbound.as_ref().and_then(|l| l.slot.clone()).as_deref(),
+            Some("q")
+        );
+        c.dispatch_stamp(2, None, Utc::now());
+        c.dispatched(2, Some("AD_2".into()), false, second, Utc::now());
+        assert!(c.agent_missing(2, None, Utc::now()));
+        assert_eq!(c.status, CallStatus::Failed);
+        // The hang-up is owed until it is done, even though the call is final.
+        assert_eq!(c.inbound_step(), InboundStep::HangUp);
+        c.hung_up(Utc::now());
         assert_eq!(c.inbound_step(), InboundStep::Done);
     }
 

@@ -3,7 +3,7 @@
 //! ([`crate::routing::RoutingCache`]) and asks this port only what changed since the
 //! version it holds, so a call's routing never waits on the store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,9 +29,14 @@ pub trait RoutingStore: Send + Sync + 'static {
     /// Deletes `id`; `Ok(None)` when there was no such profile.
     async fn delete(&self, id: &str) -> Result<Option<u64>, StoreError>;
     async fn get(&self, id: &str) -> Result<Option<Profile>, StoreError>;
-    /// Writes many profiles (an import); with `replace_all`, profiles not among them are
-    /// deleted. Returns the version after the last write.
-    async fn import(&self, profiles: &[Profile], replace_all: bool) -> Result<u64, StoreError>;
+    /// Writes many profiles (an import); with `keep`, every stored profile whose id is not
+    /// in it is deleted (a replacing import keeps the profiles it did not need to rewrite).
+    /// Returns the version after the last write.
+    async fn import(
+        &self,
+        profiles: &[Profile],
+        keep: Option<&HashSet<String>>,
+    ) -> Result<u64, StoreError>;
     /// The current table version (one cheap read: what every instance polls).
     async fn version(&self) -> Result<u64, StoreError>;
     /// Every change after `version` (all profiles when `version` is 0).
