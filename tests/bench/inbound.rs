@@ -10,7 +10,7 @@
 //!    CreateDispatch; and exactly one dispatch per room.
 //!
 //! `cargo build --release --example inbound_bench && target/release/examples/inbound_bench
-//!  [seconds] [calls_per_second]`
+//!  [seconds] [calls_per_second] [webhook]` (`webhook`: only part 3)
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -394,11 +394,15 @@ async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
     let seconds: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10);
     let rate: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1_000.0);
-    for n in [10, 100_000] {
-        resolve(n, 5_000.0, seconds).await?;
-    }
-    for n in [10, 100_000] {
-        toggles(n).await?;
+    // `webhook` runs only the webhook → CreateDispatch part.
+    let only_webhook = args.get(3).is_some_and(|p| p == "webhook");
+    if !only_webhook {
+        for n in [10, 100_000] {
+            resolve(n, 5_000.0, seconds).await?;
+        }
+        for n in [10, 100_000] {
+            toggles(n).await?;
+        }
     }
     webhook_to_dispatch(rate, seconds).await?;
     Ok(())
