@@ -388,6 +388,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 WorkQueue::ALL.map(|q| q.as_str()).join(", ")
             );
             println!("  broker/store   {broker_kind:?} / {store_kind:?}");
+            if let Some((trunk, rule)) = &dev_sip {
+                println!(
+                    "  inbound        {DEV_NUMBER} → emulator trunk {trunk} and room-per-caller rule {rule} (no agents: callfleet dispatches); callers hang up after {} s",
+                    DEV_CALLER_STAYS.as_secs()
+                );
+            }
             match &emulator {
                 Some(e) => {
                     println!("  LiveKit        emulator at {} (key {}), webhooks → {base}/v1/livekit/webhook", e.url(), livekit.livekit_api_key);
@@ -410,12 +416,6 @@ pub async fn run(cli: Cli) -> Result<()> {
                 "  curl -s -X POST {base}/v1/calls -H \"authorization: Bearer {key}\" -H 'content-type: application/json' -d '{{\"to\":\"+15105550123\",\"agent_name\":\"reminder-agent\",\"context\":{{\"customerName\":\"Ada\",\"amountDue\":\"42.00\"}}}}'"
             );
             println!("  curl -s {base}/v1/calls -H \"authorization: Bearer {key}\"   # then GET /v1/calls/<id>");
-            if let Some((trunk, rule)) = &dev_sip {
-                println!(
-                    "  inbound        {DEV_NUMBER} → emulator trunk {trunk} and room-per-caller rule {rule} (no agents: callfleet dispatches); callers hang up after {} s",
-                    DEV_CALLER_STAYS.as_secs()
-                );
-            }
             if let Some(p) = &dev_profile {
                 println!(
                     "Inbound: profile {} routes {} to agent {}; place a call with",
