@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use callfleet_core::calls::{wall_time, CallJob};
+use callfleet_core::calls::{wall_time, CallJob, Held};
 pub use callfleet_core::config::UnroutedAction;
 use callfleet_core::domain::inbound::{inbound_call_id, inbound_facts, InboundEnd, InboundStep};
 use callfleet_core::domain::phone::Region;
@@ -233,9 +233,12 @@ impl Inbound {
         let from = self.parse_number(leg.caller.as_deref());
         let call = Call::new_inbound(room, leg, to, from, now);
         let id = call.id.clone();
+        let mut known = None;
         if deps.calls.create(&call).await?.is_some() {
             metrics::counter!(m::INBOUND_CALLS, "result" => "started").increment(1);
             tracing::info!(room = %room.name, "inbound call started");
+            // A new record is at version 1.
+            known = Some(Held { call, version: 1 });
         } else {
             // The same room again: a duplicate, a replay, or the caller reconnecting.
             let sid = p.sid.clone();
@@ -254,7 +257,7 @@ impl Inbound {
                 })
                 .await?;
         }
-        self.progress(&id, origin).await
+        self.progress(&id, origin, known).await
     }
 
     async fn agent_joined(&self, room: &RoomRef, p: &ParticipantRef) -> Result<&'static str, Halt> {
@@ -362,14 +365,19 @@ impl Inbound {
 
     /// A call job for an inbound call (the agent check, or the sweeper's nudge).
     pub async fn run_job(&self, call_id: &str) -> HandlerOutcome {
-        match self.progress(call_id, Origin::Job).await {
+        match self.progress(call_id, Origin::Job, None).await {
             Ok(_) => HandlerOutcome::Done,
             Err(halt) => halt.outcome(),
         }
     }
 
     /// Moves the call as far as it can go now, under its lock.
-    async fn progress(&self, call_id: &str, origin: Origin) -> Result<&'static str, Halt> {
+    async fn progress(
+        &self,
+        call_id: &str,
+        origin: Origin,
+        known: Option<Held>,
+    ) -> Result<&'static str, Halt> {
         let store = self.deps.calls.store();
         let lock = CallLock {
             name: format!("call:{call_id}"),
@@ -383,7 +391,7 @@ impl Inbound {
             token: Some(token),
             ..lock
         };
-        let result = self.drive(call_id, origin, &mut lock).await;
+        let result = self.drive(call_id, origin, known, &mut lock).await;
         if let Some(token) = &lock.token {
             if let Err(e) = store.unlock(&lock.name, token).await {
                 tracing::debug!(error = %e, "call lock not released; it expires");
@@ -416,10 +424,12 @@ impl Inbound {
         Ok(kept)
     }
 
+    /// `known`: the call as just created (saves reading it back).
     async fn drive(
         &self,
         call_id: &str,
         origin: Origin,
+        known: Option<Held>,
         lock: &mut CallLock,
     ) -> Result<&'static str, Halt> {
         let deps = &self.deps;
@@ -427,7 +437,11 @@ impl Inbound {
             Origin::Webhook { received_at, .. } => received_at,
             Origin::Job => None,
         };
-        let Some(mut call) = deps.calls.get(call_id).await? else {
+        let known = match known {
+            Some(held) => Some(held),
+            None => deps.calls.get_held(call_id).await?,
+        };
+        let Some(mut call) = known else {
             return Ok("unknown_call");
         };
         // Checked once the call exists and before anything is sent (the other half of the
@@ -492,7 +506,7 @@ impl Inbound {
 
     /// The call's end, if it was seen before its dispatch (the tombstone): the call is
     /// ended here and returned.
-    async fn ended_first(&self, call: &Call) -> Result<Option<Call>, Halt> {
+    async fn ended_first(&self, call: &Held) -> Result<Option<Held>, Halt> {
         let store = self.deps.calls.store();
         let Some(who) = store.get_key(&tombstone(&call.id)).await? else {
             return Ok(None);
@@ -502,20 +516,15 @@ impl Inbound {
             return Ok(None);
         }
         let now = self.deps.clock.now();
-        let Some((call, ended)) = self
-            .deps
-            .calls
-            .update(&call.id, |c| {
+        let (call, ended) = self
+            .write(call, |c| {
                 c.inbound_ended(
                     InboundEnd::CallerLeft,
                     Some("ended before dispatch".into()),
                     now,
                 )
             })
-            .await?
-        else {
-            return Ok(None);
-        };
+            .await?;
         if ended.is_some() {
             self.finish(&call).await?;
         }
@@ -526,23 +535,27 @@ impl Inbound {
     /// deleted while a call is handled).
     async fn write<T>(
         &self,
-        id: &str,
+        held: &Held,
         change: impl FnMut(&mut Call) -> T,
-    ) -> Result<(Call, T), Halt> {
-        self.deps.calls.update(id, change).await?.ok_or_else(|| {
-            Halt::Infra(InfraError::Calls(
-                callfleet_core::calls::CallBookError::Corrupt {
-                    id: id.to_owned(),
-                    reason: "the call record vanished".into(),
-                },
-            ))
-        })
+    ) -> Result<(Held, T), Halt> {
+        self.deps
+            .calls
+            .update_held(held.clone(), change)
+            .await?
+            .ok_or_else(|| {
+                Halt::Infra(InfraError::Calls(
+                    callfleet_core::calls::CallBookError::Corrupt {
+                        id: held.id.clone(),
+                        reason: "the call record vanished".into(),
+                    },
+                ))
+            })
     }
 
     /// Routes the call: resolve from memory, then take a slot of the chosen profile (the
     /// cap is enforced here, atomically; a profile found full is excluded and the call
     /// resolved again), then record the decision and plan the dispatch in one write.
-    async fn route(&self, call: Call, now: DateTime<Utc>) -> Result<Call, Halt> {
+    async fn route(&self, call: Held, now: DateTime<Utc>) -> Result<Held, Halt> {
         let Some(leg) = &call.inbound else {
             return Ok(call);
         };
@@ -599,7 +612,7 @@ impl Inbound {
             .profile()
             .map(|p| (p.id.clone(), p.agent_name.clone(), p.metadata.clone()));
         let (call, ours) = self
-            .write(&call.id, |c| {
+            .write(&call, |c| {
                 if c.routing.is_some() {
                     return false;
                 }
@@ -636,7 +649,7 @@ impl Inbound {
     /// Removes the caller (RemoveParticipant) the call's record says must go, and records
     /// that it was done. A caller LiveKit has rule agents for is left alone: the rule
     /// serves the number, callfleet just does not route it.
-    async fn hang_up(&self, call: Call) -> Result<Call, Halt> {
+    async fn hang_up(&self, call: Held) -> Result<Held, Halt> {
         let Some(leg) = &call.inbound else {
             return Ok(call);
         };
@@ -648,7 +661,7 @@ impl Inbound {
             if !dispatches.is_empty() {
                 let now = deps.clock.now();
                 let (call, _) = self
-                    .write(&call.id, |c| {
+                    .write(&call, |c| {
                         if let Some(l) = c.inbound.as_mut() {
                             if l.hangup_reason.take().is_some() {
                                 c.note(now, "left_to_rule_agents", None);
@@ -669,7 +682,7 @@ impl Inbound {
             Err(e) => return Err(Halt::LiveKit(e)),
         }
         let now = deps.clock.now();
-        let (call, _) = self.write(&call.id, |c| c.hung_up(now)).await?;
+        let (call, _) = self.write(&call, |c| c.hung_up(now)).await?;
         Ok(call)
     }
 
@@ -683,11 +696,11 @@ impl Inbound {
     /// journal (only if nobody stamped since we looked), and only then sent.
     async fn dispatch(
         &self,
-        call: Call,
+        call: Held,
         n: u32,
         lock: &mut CallLock,
         received_at: Option<DateTime<Utc>>,
-    ) -> Result<Call, Halt> {
+    ) -> Result<Held, Halt> {
         let deps = &self.deps;
         let Some(planned) = call
             .inbound
@@ -724,7 +737,7 @@ impl Inbound {
             // An agent is in the room: whatever became of this dispatch, another would be
             // a second agent.
             let (call, _) = self
-                .write(&call.id, |c| c.dispatch_confirmed_by_agent(n))
+                .write(&call, |c| c.dispatch_confirmed_by_agent(n))
                 .await?;
             return Ok(call);
         }
@@ -754,7 +767,7 @@ impl Inbound {
             return Err(Halt::Busy);
         }
         let (call, may_send) = self
-            .write(&call.id, |c| c.dispatch_stamp(n, planned.started_at, now))
+            .write(&call, |c| c.dispatch_stamp(n, planned.started_at, now))
             .await?;
         if !may_send {
             // Ended meanwhile, or another worker stamped it: its turn.
@@ -782,8 +795,7 @@ impl Inbound {
             Err(e) => {
                 if !e.failure.maybe_processed() {
                     // LiveKit did nothing: the next try need not wait for it.
-                    self.write(&call.id, |c| c.dispatch_not_sent(n, now))
-                        .await?;
+                    self.write(&call, |c| c.dispatch_not_sent(n, now)).await?;
                 }
                 // Maybe carried out: the next pass looks in LiveKit before any repeat.
                 Err(Halt::LiveKit(e))
@@ -793,15 +805,15 @@ impl Inbound {
 
     async fn record_dispatched(
         &self,
-        call: &Call,
+        call: &Held,
         n: u32,
         dispatch_id: Option<String>,
         by_rule: bool,
         join_timeout: chrono::Duration,
-    ) -> Result<Call, Halt> {
+    ) -> Result<Held, Halt> {
         let now = self.deps.clock.now();
         let (call, recorded) = self
-            .write(&call.id, |c| {
+            .write(&call, |c| {
                 c.dispatched(n, dispatch_id.clone(), by_rule, join_timeout, now)
             })
             .await?;
@@ -836,7 +848,7 @@ impl Inbound {
     /// in one write: the fallback's dispatch planned (its slot taken, the missing agent's
     /// dispatch withdrawn so a late joiner does not make two), or the call failed with
     /// its caller to be hung up.
-    async fn check_agent(&self, call: Call, n: u32) -> Result<Call, Halt> {
+    async fn check_agent(&self, call: Held, n: u32) -> Result<Held, Halt> {
         let deps = &self.deps;
         let participants = match deps.livekit.list_participants(&call.room_name).await {
             Ok(ps) => ps,
@@ -849,7 +861,7 @@ impl Inbound {
             .find(|p| p.kind == proto::participant_info::Kind::Agent as i32);
         if let Some(agent) = agent {
             let (call, _) = self
-                .write(&call.id, |c| c.agent_joined(&agent.identity, now))
+                .write(&call, |c| c.agent_joined(&agent.identity, now))
                 .await?;
             return Ok(call);
         }
@@ -861,7 +873,7 @@ impl Inbound {
         if !caller_here {
             // The caller is gone and no webhook said so.
             let (call, ended) = self
-                .write(&call.id, |c| {
+                .write(&call, |c| {
                     c.inbound_ended(
                         InboundEnd::CallerLeft,
                         Some("caller gone (agent check)".into()),
@@ -906,7 +918,7 @@ impl Inbound {
         }
         let old_slot = call.inbound.as_ref().and_then(|l| l.slot.clone());
         let (call, changed) = self
-            .write(&call.id, |c| c.agent_missing(n, fallback.clone(), now))
+            .write(&call, |c| c.agent_missing(n, fallback.clone(), now))
             .await?;
         if !changed {
             if let Some((fb, _, _)) = &fallback {
@@ -941,7 +953,7 @@ impl Inbound {
 
     /// The call is live and quiet: ask LiveKit whether the caller is still there (a lost
     /// leave webhook would otherwise hold the profile's slot).
-    async fn check_caller(&self, call: &Call) -> Result<(), Halt> {
+    async fn check_caller(&self, call: &Held) -> Result<(), Halt> {
         let Some(leg) = &call.inbound else {
             return Ok(());
         };
@@ -957,7 +969,7 @@ impl Inbound {
         }
         let now = self.deps.clock.now();
         let (call, ended) = self
-            .write(&call.id, |c| {
+            .write(&call, |c| {
                 c.inbound_ended(
                     InboundEnd::CallerLeft,
                     Some("caller gone (sweeper)".into()),

@@ -120,6 +120,22 @@ pub struct CallPage {
 const MAX_SCAN: usize = 2_000;
 const CAS_ATTEMPTS: usize = 32;
 
+/// A call with the version of the record it was read from.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub call: Call,
+    pub version: u64,
+}
+
+/// A held call reads as the call (the version only matters to the next write).
+impl std::ops::Deref for Held {
+    type Target = Call;
+
+    fn deref(&self) -> &Call {
+        &self.call
+    }
+}
+
 /// Typed access to call records.
 #[derive(Clone)]
 pub struct CallBook {
@@ -173,6 +189,14 @@ impl CallBook {
         Ok(self.get_versioned(id).await?.map(|(call, _)| call))
     }
 
+    /// The call and the version of its record (what [`CallBook::update_held`] starts from).
+    pub async fn get_held(&self, id: &str) -> Result<Option<Held>, CallBookError> {
+        Ok(self
+            .get_versioned(id)
+            .await?
+            .map(|(call, version)| Held { call, version }))
+    }
+
     /// Applies `change` to the current record and writes it back only if nobody wrote in
     /// between (re-reading and re-applying on conflict). `change` must be a pure function
     /// of the call it is given. A change that leaves the call as it was writes nothing.
@@ -180,23 +204,52 @@ impl CallBook {
     pub async fn update<T>(
         &self,
         id: &str,
-        mut change: impl FnMut(&mut Call) -> T,
+        change: impl FnMut(&mut Call) -> T,
     ) -> Result<Option<(Call, T)>, CallBookError> {
+        Ok(self
+            .cas(id, None, change)
+            .await?
+            .map(|(held, value)| (held.call, value)))
+    }
+
+    /// [`CallBook::update`] starting from a call already read (`held`): no read first,
+    /// unless someone wrote since (then re-read and re-applied, as `update` does). A
+    /// worker that keeps the call it holds saves a store round trip per step.
+    pub async fn update_held<T>(
+        &self,
+        held: Held,
+        change: impl FnMut(&mut Call) -> T,
+    ) -> Result<Option<(Held, T)>, CallBookError> {
+        let id = held.call.id.clone();
+        self.cas(&id, Some(held), change).await
+    }
+
+    async fn cas<T>(
+        &self,
+        id: &str,
+        mut known: Option<Held>,
+        mut change: impl FnMut(&mut Call) -> T,
+    ) -> Result<Option<(Held, T)>, CallBookError> {
         for _ in 0..CAS_ATTEMPTS {
-            let Some((mut call, version)) = self.get_versioned(id).await? else {
-                return Ok(None);
+            let held = match known.take() {
+                Some(held) => held,
+                None => match self.get_held(id).await? {
+                    Some(held) => held,
+                    None => return Ok(None),
+                },
             };
+            let Held { mut call, version } = held;
             let before = encode(&call);
             let (was_final, was_due) = (call.status.is_terminal(), call.scheduled_for);
             let value = change(&mut call);
             let after = encode(&call);
             if before == after {
-                return Ok(Some((call, value)));
+                return Ok(Some((Held { call, version }, value)));
             }
             match self.store.update_record(id, version, after).await? {
-                CasOutcome::Updated(_) => {
+                CasOutcome::Updated(version) => {
                     self.rewatch(&call, was_final, was_due).await;
-                    return Ok(Some((call, value)));
+                    return Ok(Some((Held { call, version }, value)));
                 }
                 CasOutcome::Conflict => continue,
             }
