@@ -468,7 +468,13 @@ impl Inbound {
                 }
                 InboundStep::Route => {
                     result = "applied";
-                    self.route(call, now).await?
+                    let decided = self.decide(&call, now).await?;
+                    if decided.plan.is_some() {
+                        self.route_and_dispatch(call, decided, lock, received_at, now)
+                            .await?
+                    } else {
+                        self.record_route(call, decided, now).await?
+                    }
                 }
                 InboundStep::Dispatch(n) | InboundStep::Reconcile(n) => {
                     result = "applied";
@@ -552,21 +558,19 @@ impl Inbound {
             })
     }
 
-    /// Routes the call: resolve from memory, then take a slot of the chosen profile (the
-    /// cap is enforced here, atomically; a profile found full is excluded and the call
-    /// resolved again), then record the decision and plan the dispatch in one write.
-    async fn route(&self, call: Held, now: DateTime<Utc>) -> Result<Held, Halt> {
-        let Some(leg) = &call.inbound else {
-            return Ok(call);
-        };
+    /// Decides the call's route: resolve from memory, then take a slot of the chosen
+    /// profile (the cap is enforced here, atomically; a profile found full is excluded and
+    /// the call resolved again). Nothing is written to the call yet.
+    async fn decide(&self, call: &Call, now: DateTime<Utc>) -> Result<Decided, Halt> {
+        let leg = call.inbound.as_ref();
         let loads = self.routing.loads();
         let mut full: Vec<String> = Vec::new();
         let (decision, slot) = loop {
             let q = RouteQuery {
                 to: call.to.as_str(),
                 from: call.from.as_ref().map(E164::as_str),
-                trunk_id: leg.trunk_id.as_deref(),
-                rule_id: leg.rule_id.as_deref(),
+                trunk_id: leg.and_then(|l| l.trunk_id.as_deref()),
+                rule_id: leg.and_then(|l| l.rule_id.as_deref()),
                 at: now,
                 call_key: &call.id,
             };
@@ -606,33 +610,43 @@ impl Inbound {
                 );
             }
         };
-        let record = RoutingRecord::of(&decision, now);
-        let hang_up = self.settings.unrouted == UnroutedAction::Hangup;
         let plan = decision
             .profile()
             .map(|p| (p.id.clone(), p.agent_name.clone(), p.metadata.clone()));
-        let (call, ours) = self
-            .write(&call, |c| {
-                if c.routing.is_some() {
-                    return false;
-                }
-                c.routed(record.clone(), slot.clone(), hang_up, now);
-                if let Some((profile, agent, metadata)) = &plan {
-                    let metadata = c.inbound_metadata(metadata, 1);
-                    c.plan_dispatch(1, Some(profile.clone()), agent.clone(), metadata);
-                }
-                true
-            })
-            .await?;
+        Ok(Decided {
+            record: RoutingRecord::of(&decision, now),
+            slot,
+            plan,
+        })
+    }
+
+    /// The routing decision applied to `c` (the dispatch of the chosen profile planned);
+    /// false when someone routed the call first.
+    fn apply_route(&self, c: &mut Call, decided: &Decided, now: DateTime<Utc>) -> bool {
+        if c.routing.is_some() {
+            return false;
+        }
+        let hang_up = self.settings.unrouted == UnroutedAction::Hangup;
+        c.routed(decided.record.clone(), decided.slot.clone(), hang_up, now);
+        if let Some((profile, agent, metadata)) = &decided.plan {
+            let metadata = c.inbound_metadata(metadata, 1);
+            c.plan_dispatch(1, Some(profile.clone()), agent.clone(), metadata);
+        }
+        true
+    }
+
+    /// After the routing write: gives back a slot that another worker's route made moot,
+    /// or logs and counts the decision that was recorded.
+    async fn after_route(&self, call: &Held, decided: &Decided, ours: bool) -> Result<(), Halt> {
         if !ours {
-            // Someone routed it first; our slot (if it differs) goes back.
-            if let Some(s) = &slot {
+            if let Some(s) = &decided.slot {
                 if call.inbound.as_ref().and_then(|l| l.slot.as_deref()) != Some(s) {
                     self.routing.store().release_slot(s, &call.id).await?;
                 }
             }
-            return Ok(call);
+            return Ok(());
         }
+        let record = &decided.record;
         tracing::info!(decision = %record.decision, profile = ?record.profile_id, "inbound call routed");
         match record.reason.result() {
             "unrouted" => {
@@ -643,7 +657,56 @@ impl Inbound {
             "fallback" | "default" => dispatched_metric("fallback"),
             _ => {}
         }
+        Ok(())
+    }
+
+    /// Records the routing decision (and plans the dispatch) in one write.
+    async fn record_route(
+        &self,
+        call: Held,
+        decided: Decided,
+        now: DateTime<Utc>,
+    ) -> Result<Held, Halt> {
+        let (call, ours) = self
+            .write(&call, |c| self.apply_route(c, &decided, now))
+            .await?;
+        self.after_route(&call, &decided, ours).await?;
         Ok(call)
+    }
+
+    /// The first pass of a new call: after LiveKit shows nothing in the room yet, the
+    /// routing decision, the dispatch's plan and its send stamp are journalled in one
+    /// write, then CreateDispatch is sent. Anything unusual in the room (the rule's own
+    /// agent, an agent already there) takes the general path instead.
+    async fn route_and_dispatch(
+        &self,
+        call: Held,
+        decided: Decided,
+        lock: &mut CallLock,
+        received_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<Held, Halt> {
+        let existing = steps::list_dispatches(self.deps.livekit.as_ref(), &call.room_name)
+            .await
+            .map_err(Halt::LiveKit)?;
+        let agent_here = call
+            .inbound
+            .as_ref()
+            .is_some_and(|l| l.agent_joined_at.is_some());
+        if !existing.is_empty() || agent_here || !self.keep_lock(lock).await? {
+            return self.record_route(call, decided, now).await;
+        }
+        let (call, sent) = self
+            .write(&call, |c| {
+                self.apply_route(c, &decided, now) && c.dispatch_stamp(1, None, now)
+            })
+            .await?;
+        let ours = call.routing.as_ref() == Some(&decided.record);
+        self.after_route(&call, &decided, ours).await?;
+        if !sent {
+            return Ok(call);
+        }
+        self.send(call, 1, now, received_at).await
     }
 
     /// Removes the caller (RemoveParticipant) the call's record says must go, and records
@@ -773,6 +836,32 @@ impl Inbound {
             // Ended meanwhile, or another worker stamped it: its turn.
             return Ok(call);
         }
+        self.send(call, n, now, received_at).await
+    }
+
+    /// CreateDispatch `n`, stamped `stamp` in the journal, sent once.
+    async fn send(
+        &self,
+        call: Held,
+        n: u32,
+        stamp: DateTime<Utc>,
+        received_at: Option<DateTime<Utc>>,
+    ) -> Result<Held, Halt> {
+        let deps = &self.deps;
+        let Some(planned) = call
+            .inbound
+            .as_ref()
+            .and_then(|l| l.dispatches.iter().find(|d| d.n == n))
+            .cloned()
+        else {
+            return Ok(call);
+        };
+        let join_timeout = self
+            .profile(planned.profile_id.as_deref())
+            .map_or(DEFAULT_AGENT_JOIN_TIMEOUT_S, |p| {
+                p.profile.agent_join_timeout_s
+            });
+        let join_timeout = chrono::Duration::seconds(i64::from(join_timeout));
         if let Some(at) = received_at {
             let secs = (Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0;
             metrics::histogram!(m::INBOUND_DISPATCH_SECONDS).record(secs);
@@ -795,7 +884,7 @@ impl Inbound {
             Err(e) => {
                 if !e.failure.maybe_processed() {
                     // LiveKit did nothing: the next try need not wait for it.
-                    self.write(&call, |c| c.dispatch_not_sent(n, now)).await?;
+                    self.write(&call, |c| c.dispatch_not_sent(n, stamp)).await?;
                 }
                 // Maybe carried out: the next pass looks in LiveKit before any repeat.
                 Err(Halt::LiveKit(e))
@@ -813,7 +902,7 @@ impl Inbound {
     ) -> Result<Held, Halt> {
         let now = self.deps.clock.now();
         let (call, recorded) = self
-            .write(&call, |c| {
+            .write(call, |c| {
                 c.dispatched(n, dispatch_id.clone(), by_rule, join_timeout, now)
             })
             .await?;
@@ -969,7 +1058,7 @@ impl Inbound {
         }
         let now = self.deps.clock.now();
         let (call, ended) = self
-            .write(&call, |c| {
+            .write(call, |c| {
                 c.inbound_ended(
                     InboundEnd::CallerLeft,
                     Some("caller gone (sweeper)".into()),
@@ -982,6 +1071,14 @@ impl Inbound {
         }
         Ok(())
     }
+}
+
+/// A routing decision not yet written: the record, the profile slot it took, and the
+/// dispatch to plan (profile, agent, the profile's metadata).
+struct Decided {
+    record: RoutingRecord,
+    slot: Option<String>,
+    plan: Option<(String, String, serde_json::Value)>,
 }
 
 /// The call's lock as one `drive` holds it.
