@@ -1461,3 +1461,107 @@ async fn a_reconnect_is_the_same_call() {
     assert_eq!(dispatches_in(&fleet, room.0), 1);
     fleet.stop().await;
 }
+
+/// `PUT` creates (201) then replaces (200) a profile under the path's id.
+#[tokio::test]
+async fn put_creates_then_replaces() {
+    let fleet = TestFleet::start("inbound-put", FleetOptions::default()).await;
+    let body = json!({"name": "Put", "agent_name": "put-agent", "numbers": [DID]});
+    let (status, created) = fleet
+        .send_json(reqwest::Method::PUT, "/v1/routing/profiles/put", &body)
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["id"], "put");
+    let (status, replaced) = fleet
+        .send_json(
+            reqwest::Method::PUT,
+            "/v1/routing/profiles/put",
+            &json!({"name": "Put again", "agent_name": "put-agent"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{replaced}");
+    assert_eq!(replaced["name"], "Put again");
+    assert_eq!(replaced["numbers"], json!([]), "a replace, not a merge");
+    assert_eq!(replaced["created_at"], created["created_at"]);
+    fleet.stop().await;
+}
+
+/// The caller's leave never arrives (webhooks paused): the sweeper's nudge asks LiveKit,
+/// finds the caller gone, completes the call and frees its profile slot; a caller still
+/// talking keeps (renews) its slot.
+#[tokio::test]
+async fn the_sweeper_ends_a_call_whose_leave_was_lost() {
+    let fleet = TestFleet::start(
+        "inbound-sweep",
+        FleetOptions {
+            backing: Backing::RabbitRedis,
+            sweep: callfleet_workers::SweepSettings {
+                every: Duration::from_millis(500),
+                quiet: Duration::from_secs(1),
+                ..callfleet_workers::SweepSettings::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    agent_joins_after(&fleet, "sweep-agent", 100).await;
+    create_profile(
+        &fleet,
+        json!({"id": "sweep", "name": "Sweep", "agent_name": "sweep-agent", "numbers": [DID]}),
+    )
+    .await;
+    let gone = place(&fleet, json!({"from": "+15105550111", "to": DID})).await;
+    let stays = place(&fleet, json!({"from": "+15105550112", "to": DID})).await;
+    let gone_room = gone["room_name"].as_str().expect("room").to_owned();
+    let stays_room = stays["room_name"].as_str().expect("room").to_owned();
+    for room in [&gone_room, &stays_room] {
+        eventually("the agent to join", Duration::from_secs(10), || async {
+            let c = call_in_room(&fleet, room, Duration::from_secs(5)).await;
+            (c["status"] == "in_progress").then_some(())
+        })
+        .await;
+    }
+    // From here no webhook reaches the fleet: the first caller's leave is lost.
+    fleet.emulator.set_faults(Faults {
+        webhooks: livekit_emulator::WebhookFaults {
+            paused: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let response = fleet
+        .http
+        .post(format!(
+            "{}/emulator/v1/inbound/{}/hangup",
+            fleet.emulator_url(),
+            gone["sip_call_id"].as_str().expect("id")
+        ))
+        .send()
+        .await
+        .expect("hang up");
+    assert!(response.status().is_success());
+    let call = eventually(
+        "the sweeper to end the call",
+        Duration::from_secs(20),
+        || async {
+            let c = call_in_room(&fleet, &gone_room, Duration::from_secs(5)).await;
+            (c["status"] == "completed").then_some(c)
+        },
+    )
+    .await;
+    assert!(call["timeline"]
+        .as_array()
+        .expect("timeline")
+        .iter()
+        .any(|e| e["detail"] == "caller gone (sweeper)"));
+    let loads = fleet.routing.store().loads().await.expect("loads");
+    assert_eq!(
+        loads.get("sweep"),
+        Some(&1),
+        "the caller still talking keeps its slot"
+    );
+    let still = call_in_room(&fleet, &stays_room, Duration::from_secs(5)).await;
+    assert_eq!(still["status"], "in_progress");
+    fleet.emulator.set_faults(Faults::default());
+    fleet.stop().await;
+}

@@ -1054,6 +1054,14 @@ impl Inbound {
         .await
         .map_err(Halt::LiveKit)?;
         if here.is_some() {
+            // Still talking: its profile slot is renewed, so a call longer than the slot's
+            // lifetime keeps it (a slot held is renewed whatever the cap).
+            if let Some(profile) = &leg.slot {
+                self.routing
+                    .store()
+                    .claim_slot(profile, &call.id, None, self.settings.slot_ttl)
+                    .await?;
+            }
             return Ok(());
         }
         let now = self.deps.clock.now();

@@ -111,17 +111,22 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(profile)).into_response())
 }
 
-/// `PUT /v1/routing/profiles/{id}`: creates or replaces the whole profile.
+/// `PUT /v1/routing/profiles/{id}`: creates (201) or replaces (200) the whole profile.
 pub async fn replace(
     State(state): State<IngressState>,
     id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Profile>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = profile_id(id)?;
     let input: ProfileInput = parse_json(&body_bytes(body, state.max_body_bytes)?)?;
-    let existing = state.routing.table().get(&id).map(|p| p.profile.clone());
+    let existing = state.routing.store().get(&id).await.map_err(unavailable)?;
     let profile = validate(&state, input, Some(&id), existing.as_ref(), "")?;
-    Ok(Json(save(&state, profile).await?))
+    let status = if existing.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(save(&state, profile).await?)).into_response())
 }
 
 /// `PATCH /v1/routing/profiles/{id}`: a JSON merge patch (RFC 7396) of the profile.
