@@ -4,14 +4,13 @@
 //! marking a webhook event seen, then stopped (the redelivery is applied, not dropped as a
 //! duplicate); a worker frozen after recording a busy attempt and before publishing its
 //! retry, then stopped (the retry still dials, once).
-use std::process::Stdio;
 use std::time::Duration;
 
 use livekit_emulator::{CallScript, Faults, MethodFault, Outcome};
 use serde_json::json;
 
 use crate::fleet::{Backing, FleetOptions, TestFleet};
-use crate::harness::{amqp_url, eventually, redis_url};
+use crate::harness::{eventually, fault_on};
 
 #[tokio::test]
 async fn worker_killed_mid_dial_never_dials_twice() {
@@ -24,7 +23,6 @@ async fn worker_killed_mid_dial_never_dials_twice() {
         },
     )
     .await;
-    let prefix = fleet.prefix.clone().expect("rabbit prefix");
     let number = "+15105550401";
     fleet.emulator.script(
         number,
@@ -38,35 +36,14 @@ async fn worker_killed_mid_dial_never_dials_twice() {
         },
     );
     // The dial takes 1.5 s to answer: long enough to kill the worker while it waits.
-    fleet.emulator.set_faults(Faults {
-        methods: [(
-            "CreateSIPParticipant".to_owned(),
-            MethodFault {
-                latency_ms: 1_500,
-                ..Default::default()
-            },
-        )]
-        .into_iter()
-        .collect(),
-        ..Default::default()
-    });
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_callfleet"))
-        .arg("worker")
-        .env("CALLFLEET_BROKER", "rabbitmq")
-        .env("CALLFLEET_STORE", "redis")
-        .env("CALLFLEET_AMQP_URL", amqp_url())
-        .env("CALLFLEET_REDIS_URL", redis_url())
-        .env("CALLFLEET_QUEUE_PREFIX", &prefix)
-        .env("CALLFLEET_KEY_PREFIX", &prefix)
-        .env("CALLFLEET_WORKER_HTTP_ADDR", "127.0.0.1:0")
-        .env("LIVEKIT_URL", fleet.emulator_url())
-        .env("LIVEKIT_API_KEY", "devkey")
-        .env("LIVEKIT_API_SECRET", "secret")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start a worker process");
+    fleet.emulator.set_faults(fault_on(
+        "CreateSIPParticipant",
+        MethodFault {
+            latency_ms: 1_500,
+            ..Default::default()
+        },
+    ));
+    let mut worker = fleet.worker_process();
 
     let id = fleet.submit(json!({"to": number})).await;
     eventually(

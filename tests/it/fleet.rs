@@ -289,6 +289,32 @@ impl TestFleet {
         base
     }
 
+    /// A `callfleet worker` process on this fleet's RabbitMQ + Redis prefix and emulator
+    /// (killed when dropped): a worker a test can SIGKILL.
+    pub fn worker_process(&self) -> tokio::process::Child {
+        let prefix = self
+            .prefix
+            .clone()
+            .expect("a worker process needs RabbitMQ + Redis");
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_callfleet"))
+            .arg("worker")
+            .env("CALLFLEET_BROKER", "rabbitmq")
+            .env("CALLFLEET_STORE", "redis")
+            .env("CALLFLEET_AMQP_URL", crate::harness::amqp_url())
+            .env("CALLFLEET_REDIS_URL", crate::harness::redis_url())
+            .env("CALLFLEET_QUEUE_PREFIX", &prefix)
+            .env("CALLFLEET_KEY_PREFIX", &prefix)
+            .env("CALLFLEET_WORKER_HTTP_ADDR", "127.0.0.1:0")
+            .env("LIVEKIT_URL", self.emulator_url())
+            .env("LIVEKIT_API_KEY", "devkey")
+            .env("LIVEKIT_API_SECRET", "secret")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start a worker process")
+    }
+
     pub fn emulator_url(&self) -> String {
         self.running.as_ref().map(|r| r.url()).unwrap_or_default()
     }

@@ -557,3 +557,11 @@ pub fn sign_webhook(key: &str, secret: &str, body: &[u8]) -> String {
         .to_jwt()
         .expect("jwt")
 }
+
+/// Emulator faults on one Twirp method.
+pub fn fault_on(method: &str, fault: livekit_emulator::MethodFault) -> livekit_emulator::Faults {
+    livekit_emulator::Faults {
+        methods: [(method.to_owned(), fault)].into_iter().collect(),
+        ..Default::default()
+    }
+}

@@ -12,7 +12,7 @@ use rand::seq::SliceRandom;
 use serde_json::{json, Value};
 
 use crate::fleet::{Backing, FleetOptions, TestFleet};
-use crate::harness::{eventually, sign_webhook};
+use crate::harness::{eventually, fault_on, sign_webhook};
 
 pub const DID: &str = "+15105550100";
 
@@ -256,18 +256,13 @@ async fn a_webhook_storm_dispatches_exactly_once_per_room() {
                "numbers": [DID], "agent_join_timeout_s": 2}),
     )
     .await;
-    fleet.emulator.set_faults(Faults {
-        methods: [(
-            "CreateDispatch".to_owned(),
-            MethodFault {
-                drop_after_rate: 0.3,
-                ..Default::default()
-            },
-        )]
-        .into_iter()
-        .collect(),
-        ..Default::default()
-    });
+    fleet.emulator.set_faults(fault_on(
+        "CreateDispatch",
+        MethodFault {
+            drop_after_rate: 0.3,
+            ..Default::default()
+        },
+    ));
     // Rooms whose end is seen first: the caller's leave is delivered (and applied)
     // before any of its joins.
     let ended: Vec<(String, String, String)> = (0..10)
@@ -527,18 +522,13 @@ async fn a_lost_dispatch_answer_is_reconciled_not_repeated() {
                "numbers": [DID], "agent_join_timeout_s": 600}),
     )
     .await;
-    fleet.emulator.set_faults(Faults {
-        methods: [(
-            "CreateDispatch".to_owned(),
-            MethodFault {
-                drop_after_rate: 1.0,
-                ..Default::default()
-            },
-        )]
-        .into_iter()
-        .collect(),
-        ..Default::default()
-    });
+    fleet.emulator.set_faults(fault_on(
+        "CreateDispatch",
+        MethodFault {
+            drop_after_rate: 1.0,
+            ..Default::default()
+        },
+    ));
     let placed = place(&fleet, json!({"from": "+15105550177", "to": DID})).await;
     let room = placed["room_name"].as_str().expect("room").to_owned();
     eventually(
@@ -1107,7 +1097,6 @@ async fn a_worker_killed_between_dispatch_and_journal_dispatches_once() {
         },
     )
     .await;
-    let prefix = fleet.prefix.clone().expect("rabbit prefix");
     let (status, _) = fleet
         .post(
             "/v1/routing/profiles",
@@ -1118,35 +1107,14 @@ async fn a_worker_killed_between_dispatch_and_journal_dispatches_once() {
     assert_eq!(status, 201);
     // CreateDispatch is carried out 1.5 s after it arrives: the worker waits for its
     // answer meanwhile, and dies waiting.
-    fleet.emulator.set_faults(Faults {
-        methods: [(
-            "CreateDispatch".to_owned(),
-            MethodFault {
-                latency_ms: 1_500,
-                ..Default::default()
-            },
-        )]
-        .into_iter()
-        .collect(),
-        ..Default::default()
-    });
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_callfleet"))
-        .arg("worker")
-        .env("CALLFLEET_BROKER", "rabbitmq")
-        .env("CALLFLEET_STORE", "redis")
-        .env("CALLFLEET_AMQP_URL", crate::harness::amqp_url())
-        .env("CALLFLEET_REDIS_URL", crate::harness::redis_url())
-        .env("CALLFLEET_QUEUE_PREFIX", &prefix)
-        .env("CALLFLEET_KEY_PREFIX", &prefix)
-        .env("CALLFLEET_WORKER_HTTP_ADDR", "127.0.0.1:0")
-        .env("LIVEKIT_URL", fleet.emulator_url())
-        .env("LIVEKIT_API_KEY", "devkey")
-        .env("LIVEKIT_API_SECRET", "secret")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start a worker process");
+    fleet.emulator.set_faults(fault_on(
+        "CreateDispatch",
+        MethodFault {
+            latency_ms: 1_500,
+            ..Default::default()
+        },
+    ));
+    let mut worker = fleet.worker_process();
     let placed = place(&fleet, json!({"from": "+15105550155", "to": DID})).await;
     let room = placed["room_name"].as_str().expect("room").to_owned();
     // Recorded on arrival (its room is filled in once it has been carried out).
@@ -1376,18 +1344,13 @@ async fn a_dispatch_landing_after_the_client_timeout_is_not_resent() {
                "agent_join_timeout_s": 600}),
     )
     .await;
-    fleet.emulator.set_faults(Faults {
-        methods: [(
-            "CreateDispatch".to_owned(),
-            MethodFault {
-                latency_ms: 3_000,
-                ..Default::default()
-            },
-        )]
-        .into_iter()
-        .collect(),
-        ..Default::default()
-    });
+    fleet.emulator.set_faults(fault_on(
+        "CreateDispatch",
+        MethodFault {
+            latency_ms: 3_000,
+            ..Default::default()
+        },
+    ));
     let placed = place(&fleet, json!({"from": "+15105550133", "to": DID})).await;
     let room = placed["room_name"].as_str().expect("room").to_owned();
     let call = eventually(

@@ -9,11 +9,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use callfleet_workers::OutboundSettings;
-use livekit_emulator::{ApiRecord, CallScript, Faults, MethodFault, Outcome, RequestOutcome};
+use livekit_emulator::{ApiRecord, CallScript, MethodFault, Outcome, RequestOutcome};
 use serde_json::{json, Value};
 
 use crate::fleet::{Backing, FleetOptions, TestFleet};
 use crate::harness::eventually;
+use crate::harness::fault_on;
 
 const WAIT: Duration = Duration::from_secs(25);
 const NOT_REDIALED: &str = "dial outcome unknown after an interrupted dial; not redialed";
@@ -22,13 +23,6 @@ const NOT_REDIALED: &str = "dial outcome unknown after an interrupted dial; not 
 /// next delivery of the job asks LiveKit for it, then hangs up.
 fn answers(talk_ms: u64) -> CallScript {
     crate::harness::script(Outcome::Answer, Some(talk_ms))
-}
-
-fn fault_on(method: &str, fault: MethodFault) -> Faults {
-    Faults {
-        methods: [(method.to_owned(), fault)].into_iter().collect(),
-        ..Default::default()
-    }
 }
 
 /// A fleet on RabbitMQ + Redis with short settling times.

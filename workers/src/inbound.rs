@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use callfleet_core::calls::{wall_time, CallJob, Held};
 pub use callfleet_core::config::UnroutedAction;
-use callfleet_core::domain::inbound::{inbound_call_id, inbound_facts, InboundEnd, InboundStep};
+use callfleet_core::domain::inbound::{
+    inbound_call_id, inbound_facts, InboundDispatch, InboundEnd, InboundStep,
+};
 use callfleet_core::domain::phone::Region;
 use callfleet_core::domain::phone::E164;
 use callfleet_core::domain::routing::{
@@ -753,6 +755,17 @@ impl Inbound {
         self.routing.table().get(id?).cloned()
     }
 
+    /// Dispatch `n` as planned, and how long its profile gives the agent to join.
+    fn planned(&self, call: &Call, n: u32) -> Option<(InboundDispatch, chrono::Duration)> {
+        let planned = call.inbound_dispatch(n)?.clone();
+        let seconds = self
+            .profile(planned.profile_id.as_deref())
+            .map_or(DEFAULT_AGENT_JOIN_TIMEOUT_S, |p| {
+                p.profile.agent_join_timeout_s
+            });
+        Some((planned, chrono::Duration::seconds(i64::from(seconds))))
+    }
+
     /// Dispatch `n`, sent once: LiveKit is asked what the room already has (ours after a
     /// lost answer, the rule's own agent, an agent already joined), an earlier send that
     /// may still land is waited out, the lock is renewed, the send is stamped in the
@@ -765,20 +778,9 @@ impl Inbound {
         received_at: Option<DateTime<Utc>>,
     ) -> Result<Held, Halt> {
         let deps = &self.deps;
-        let Some(planned) = call
-            .inbound
-            .as_ref()
-            .and_then(|l| l.dispatches.iter().find(|d| d.n == n))
-            .cloned()
-        else {
+        let Some((planned, join_timeout)) = self.planned(&call, n) else {
             return Ok(call);
         };
-        let join_timeout = self
-            .profile(planned.profile_id.as_deref())
-            .map_or(DEFAULT_AGENT_JOIN_TIMEOUT_S, |p| {
-                p.profile.agent_join_timeout_s
-            });
-        let join_timeout = chrono::Duration::seconds(i64::from(join_timeout));
         let existing = steps::list_dispatches(deps.livekit.as_ref(), &call.room_name)
             .await
             .map_err(Halt::LiveKit)?;
@@ -848,20 +850,9 @@ impl Inbound {
         received_at: Option<DateTime<Utc>>,
     ) -> Result<Held, Halt> {
         let deps = &self.deps;
-        let Some(planned) = call
-            .inbound
-            .as_ref()
-            .and_then(|l| l.dispatches.iter().find(|d| d.n == n))
-            .cloned()
-        else {
+        let Some((planned, join_timeout)) = self.planned(&call, n) else {
             return Ok(call);
         };
-        let join_timeout = self
-            .profile(planned.profile_id.as_deref())
-            .map_or(DEFAULT_AGENT_JOIN_TIMEOUT_S, |p| {
-                p.profile.agent_join_timeout_s
-            });
-        let join_timeout = chrono::Duration::seconds(i64::from(join_timeout));
         if let Some(at) = received_at {
             let secs = (Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0;
             metrics::histogram!(m::INBOUND_DISPATCH_SECONDS).record(secs);
@@ -907,12 +898,7 @@ impl Inbound {
             })
             .await?;
         if recorded {
-            if let Some(due) = call
-                .inbound
-                .as_ref()
-                .and_then(|l| l.dispatches.iter().find(|d| d.n == n))
-                .and_then(|d| d.agent_due_at)
-            {
+            if let Some(due) = call.inbound_dispatch(n).and_then(|d| d.agent_due_at) {
                 self.queue_check(&call, n, due).await?;
             }
         }
@@ -975,11 +961,7 @@ impl Inbound {
             }
             return Ok(call);
         }
-        let missing = call
-            .inbound
-            .as_ref()
-            .and_then(|l| l.dispatches.iter().find(|d| d.n == n))
-            .cloned();
+        let missing = call.inbound_dispatch(n).cloned();
         let profile_id = missing.as_ref().and_then(|d| d.profile_id.clone());
         let profile = self.profile(profile_id.as_deref());
         let wants_fallback = profile

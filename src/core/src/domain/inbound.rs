@@ -323,6 +323,11 @@ impl Call {
         }
     }
 
+    /// Dispatch `n` of an inbound call.
+    pub fn inbound_dispatch(&self, n: u32) -> Option<&InboundDispatch> {
+        self.inbound.as_ref()?.dispatches.iter().find(|d| d.n == n)
+    }
+
     fn dispatch_mut(&mut self, n: u32) -> Option<&mut InboundDispatch> {
         self.inbound
             .as_mut()?
