@@ -1,25 +1,22 @@
 //! Lost and late answers as a client sees them, and what the request record says about
 //! them; the control API's errors, script numbers and webhook URLs.
 
+mod common;
+use common::{admin_token_for, start_with};
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use livekit_api::access_token::{AccessToken, SIPGrants, VideoGrants};
+use livekit_api::access_token::{AccessToken, VideoGrants};
 use livekit_api::services::agent_dispatch::AgentDispatchClient;
 use livekit_api::services::room::{CreateRoomOptions, RoomClient};
 use livekit_api::services::{ServerError, ServiceError};
 use livekit_emulator::{
-    ApiRecord, Emulator, EmulatorConfig, Faults, MethodFault, RequestOutcome, RunningEmulator,
+    ApiRecord, EmulatorConfig, Faults, MethodFault, RequestOutcome, RunningEmulator,
 };
 use livekit_protocol as proto;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn start_with(config: EmulatorConfig) -> RunningEmulator {
-    Emulator::start(config, "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("emulator starts")
-}
 
 async fn start() -> RunningEmulator {
     start_with(EmulatorConfig {
@@ -27,25 +24,6 @@ async fn start() -> RunningEmulator {
         ..EmulatorConfig::default()
     })
     .await
-}
-
-/// A token with every grant the Twirp methods check, room-scoped grants for `room`
-/// (LiveKit's roomAdmin must name the request's room).
-fn admin_token_for(room: &str) -> String {
-    AccessToken::with_api_key("devkey", "secret")
-        .with_grants(VideoGrants {
-            room_create: true,
-            room_list: true,
-            room_admin: true,
-            room: room.to_owned(),
-            ..Default::default()
-        })
-        .with_sip_grants(SIPGrants {
-            admin: true,
-            call: true,
-        })
-        .to_jwt()
-        .expect("jwt")
 }
 
 /// The room a JSON request names (`room` or `roomName`), for its token.

@@ -1,17 +1,14 @@
 //! SIP trunks, dispatch rules, routed inbound calls, agent workers and the SDK-suite gaps,
 //! driven from the outside over HTTP (JSON Twirp with signed tokens, and the control API).
 
+mod common;
+use common::{admin_token_for, start_with};
+
 use std::time::Duration;
 
-use livekit_api::access_token::{AccessToken, SIPGrants, VideoGrants};
-use livekit_emulator::{Emulator, EmulatorConfig, RunningEmulator};
+use livekit_api::access_token::{AccessToken, VideoGrants};
+use livekit_emulator::{EmulatorConfig, RunningEmulator};
 use serde_json::{json, Value};
-
-async fn start_with(config: EmulatorConfig) -> RunningEmulator {
-    Emulator::start(config, "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("emulator starts")
-}
 
 async fn start() -> RunningEmulator {
     start_with(EmulatorConfig {
@@ -21,30 +18,20 @@ async fn start() -> RunningEmulator {
     .await
 }
 
-fn token(room: &str) -> String {
-    AccessToken::with_api_key("devkey", "secret")
-        .with_grants(VideoGrants {
-            room_create: true,
-            room_list: true,
-            room_admin: true,
-            room: room.to_owned(),
-            ..Default::default()
-        })
-        .with_sip_grants(SIPGrants {
-            admin: true,
-            call: true,
-        })
-        .to_jwt()
-        .expect("jwt")
-}
-
 /// A JSON Twirp call with a full token (room-scoped to the body's room); status and body.
 async fn twirp(e: &RunningEmulator, service: &str, method: &str, body: Value) -> (u16, Value) {
     let room = ["room", "roomName", "room_name"]
         .iter()
         .find_map(|k| body.get(*k).and_then(Value::as_str))
         .unwrap_or("");
-    call(e.url(), service, method, body.clone(), Some(token(room))).await
+    call(
+        e.url(),
+        service,
+        method,
+        body.clone(),
+        Some(admin_token_for(room)),
+    )
+    .await
 }
 
 async fn call(
@@ -691,7 +678,14 @@ async fn sdk_suite_gaps_are_answered_as_livekit_does() {
     )
     .await;
     assert_eq!((status, err["code"].as_str()), (501, Some("unimplemented")));
-    let (status, err) = call(e.url(), "Egress", "ListEgress", json!({}), Some(token(""))).await;
+    let (status, err) = call(
+        e.url(),
+        "Egress",
+        "ListEgress",
+        json!({}),
+        Some(admin_token_for("")),
+    )
+    .await;
     assert_eq!(
         (status, err["code"].as_str()),
         (401, Some("unauthenticated"))
@@ -723,7 +717,7 @@ async fn sdk_suite_gaps_are_answered_as_livekit_does() {
         reqwest::Client::new()
             .post(format!("{base}/twirp/livekit.RoomService/ListRooms"))
             .header("content-type", "application/json")
-            .header("authorization", format!("Bearer {}", token("")))
+            .header("authorization", format!("Bearer {}", admin_token_for("")))
             .header("x-lk-mock", r#"{"failRegions":[0]}"#)
             .body("{}")
             .send()
