@@ -387,7 +387,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                 "  workers        in-process, queues: {}",
                 WorkQueue::ALL.map(|q| q.as_str()).join(", ")
             );
-            println!("  broker/store   {broker_kind:?} / {store_kind:?}");
+            println!(
+                "  broker/store   {} / {}",
+                format!("{broker_kind:?}").to_lowercase(),
+                format!("{store_kind:?}").to_lowercase()
+            );
             if let Some((trunk, rule)) = &dev_sip {
                 println!(
                     "  inbound        {DEV_NUMBER} → emulator trunk {trunk} and room-per-caller rule {rule} (no agents: callfleet dispatches); callers hang up after {} s",
@@ -405,7 +409,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Some(key) => {
                     println!("  API key        {key}  (set CALLFLEET_API_KEYS to choose your own)")
                 }
-                None => println!("  API key        from CALLFLEET_API_KEYS"),
+                None => println!(
+                    "  API key        from CALLFLEET_API_KEYS (the examples read it from $KEY: KEY=<one of them>)"
+                ),
             }
             println!();
             println!("Try it:");
@@ -457,15 +463,19 @@ async fn routing_table(
         .context("loading the routing table")
 }
 
-/// The profile dev mode routes inbound calls to when the table has none: the emulator's
-/// default number to the default agent. Returns it when it was created.
+/// The profile dev mode routes inbound calls to (the emulator's default number to the
+/// default agent), created unless it exists (a Redis store keeps it across runs), and the
+/// default profile unless one is configured. Returns it.
 async fn seed_dev_profile(
     backends: &Backends,
     routing: &mut RoutingConfig,
 ) -> Result<Option<Profile>> {
     let store = &backends.routing;
-    if store.version().await? > 0 {
-        return Ok(None);
+    routing
+        .default_profile
+        .get_or_insert_with(|| DEV_PROFILE.to_owned());
+    if let Some(existing) = store.get(DEV_PROFILE).await? {
+        return Ok(Some(existing));
     }
     let input: ProfileInput = serde_json::from_value(serde_json::json!({
         "id": DEV_PROFILE,
@@ -483,9 +493,6 @@ async fn seed_dev_profile(
         )
         .map_err(|e| anyhow::anyhow!("dev profile: {e}"))?;
     store.put(&profile).await?;
-    routing
-        .default_profile
-        .get_or_insert_with(|| DEV_PROFILE.to_owned());
     Ok(Some(profile))
 }
 
@@ -516,7 +523,7 @@ async fn seed_dev_sip(url: &str, livekit: &LiveKitConfig) -> Result<(String, Str
             rule: Some(proto::SipDispatchRule {
                 rule: Some(proto::sip_dispatch_rule::Rule::DispatchRuleIndividual(
                     proto::SipDispatchRuleIndividual {
-                        room_prefix: "call-".into(),
+                        room_prefix: "call".into(),
                         ..Default::default()
                     },
                 )),

@@ -399,7 +399,8 @@ struct ConnectArgs {
     /// listing the number or a new one.
     #[arg(long)]
     trunk: Option<String>,
-    /// Room name prefix for a new rule (default `call-`); an existing rule keeps its own.
+    /// Room name prefix for a new rule (default `call`: rooms `call_<caller>_<random>`); an
+    /// existing rule keeps its own.
     #[arg(long)]
     room_prefix: Option<String>,
     /// Also add the number to this callfleet routing profile (through the callfleet API).
@@ -1537,7 +1538,7 @@ async fn connect_number(ctx: &Ctx, args: ConnectArgs) -> Result<()> {
                 rule: Some(proto::SipDispatchRule {
                     rule: Some(Rule::DispatchRuleIndividual(
                         proto::SipDispatchRuleIndividual {
-                            room_prefix: args.room_prefix.clone().unwrap_or_else(|| "call-".into()),
+                            room_prefix: args.room_prefix.clone().unwrap_or_else(|| "call".into()),
                             ..Default::default()
                         },
                     )),

@@ -1221,6 +1221,10 @@ async fn hours_and_date_overrides_route_to_the_fallback() {
         .await;
     assert_eq!(status, 422);
     assert_eq!(err["error"]["field"], "hours.time_zone");
+    let (status, err) = fleet.get("/v1/routing/explain").await;
+    assert_eq!(status, 422);
+    assert_eq!(err["error"]["field"], "to", "{err}");
+    assert_eq!(err["error"]["message"], "is required");
     fleet.stop().await;
 }
 

@@ -119,6 +119,16 @@ impl Sweeper {
     ) -> Result<&'static str, InfraError> {
         let deps = &self.deps;
         match stuck {
+            Stuck::CheckInbound => {
+                // The inbound call's job looks at LiveKit itself (under the call's lock).
+                let job = CallJob {
+                    call_id: call.id.clone(),
+                    attempt: 1,
+                };
+                deps.broker.publish(job.message(None)).await?;
+                metrics::counter!(m::JOBS_ENQUEUED, "queue" => "call_jobs").increment(1);
+                Ok("inbound_job_published")
+            }
             Stuck::QueueAttempt(attempt) | Stuck::ResumeAttempt(attempt) => {
                 let job = CallJob {
                     call_id: call.id.clone(),

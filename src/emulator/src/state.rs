@@ -122,6 +122,9 @@ pub struct Room {
     /// Bumped whenever the room becomes empty; an empty-timeout task only closes the room
     /// if the epoch it saw is still current.
     pub empty_epoch: u64,
+    /// Someone joined at some point: once it empties, the room lives `departure_timeout`
+    /// (LiveKit: 20 s), not `empty_timeout` (the wait for a first participant).
+    pub had_participants: bool,
 }
 
 pub struct Inner {
@@ -359,6 +362,7 @@ impl Emulator {
                         participants: vec![],
                         dispatches: vec![],
                         empty_epoch: 0,
+                        had_participants: false,
                     },
                 );
                 let event = PendingEvent {
@@ -396,7 +400,12 @@ impl Emulator {
                 return;
             }
             room.empty_epoch += 1;
-            (room.empty_epoch, room.info.empty_timeout)
+            let timeout = if room.had_participants {
+                room.info.departure_timeout
+            } else {
+                room.info.empty_timeout
+            };
+            (room.empty_epoch, timeout)
         };
         let emu = self.clone();
         let name = name.to_owned();
@@ -479,6 +488,7 @@ impl Emulator {
                 });
             }
             room.participants.push(participant.clone());
+            room.had_participants = true;
             room.info.num_participants = room.participants.len() as u32;
             room.info.num_publishers =
                 room.participants.iter().filter(|p| p.is_publisher).count() as u32;

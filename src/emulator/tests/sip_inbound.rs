@@ -735,3 +735,43 @@ async fn sdk_suite_gaps_are_answered_as_livekit_does() {
     );
     e.shutdown().await;
 }
+
+/// Once everyone has left, a room lives its `departure_timeout` (LiveKit: 20 s by
+/// default), not its `empty_timeout`, which is the wait for a first participant.
+#[tokio::test]
+async fn an_emptied_room_closes_after_its_departure_timeout() {
+    let e = start().await;
+    let (status, room) = twirp(
+        &e,
+        "RoomService",
+        "CreateRoom",
+        json!({"name": "leaving", "empty_timeout": 300, "departure_timeout": 1}),
+    )
+    .await;
+    assert_eq!(status, 200, "{room}");
+    assert_eq!(room["departure_timeout"], 1);
+    let placed = control(
+        &e,
+        reqwest::Method::POST,
+        "/inbound",
+        json!({"from": "+15105550123", "to": "+15105550100", "room_name": "leaving", "hangup_after_ms": 100}),
+    )
+    .await;
+    assert_eq!(placed["room_name"], "leaving", "{placed}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let rooms = control(&e, reqwest::Method::GET, "/rooms", Value::Null).await;
+        let open = rooms["rooms"]
+            .as_array()
+            .is_some_and(|rs| rs.iter().any(|r| r["room"]["name"] == "leaving"));
+        if !open {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the emptied room is still open after 5 s (its departure timeout is 1 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    e.shutdown().await;
+}

@@ -227,10 +227,24 @@ pub struct ProfilePage {
     next_cursor: Option<String>,
 }
 
+/// Query parameters, or a 422 naming the parameter (serde's "missing field `to`" becomes
+/// field `to`, "is required").
 fn query<T>(params: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    params
-        .map(|Query(p)| p)
-        .map_err(|e| invalid("query", e.body_text()))
+    params.map(|Query(p)| p).map_err(|e| {
+        let text = e.body_text();
+        let named = |marker: &str| {
+            text.split_once(marker)
+                .and_then(|(_, rest)| rest.split('`').next())
+                .map(str::to_owned)
+        };
+        if let Some(field) = named("missing field `") {
+            invalid(field, "is required")
+        } else if let Some(field) = named("unknown field `") {
+            invalid(field, "is not a parameter of this route")
+        } else {
+            invalid("query", text)
+        }
+    })
 }
 
 fn number(state: &IngressState, field: &str, raw: &str) -> Result<E164, ApiError> {

@@ -716,6 +716,9 @@ pub enum Stuck {
     /// This attempt's participant joined and no end was heard: ask LiveKit whether it is
     /// still there.
     CheckLive(u32),
+    /// An inbound call that has been quiet: its job resumes an interrupted dispatch or
+    /// hang-up, and asks LiveKit whether a caller no event said goodbye for is still there.
+    CheckInbound,
 }
 
 impl Stuck {
@@ -724,6 +727,7 @@ impl Stuck {
             Stuck::QueueAttempt(_) => "queue_attempt",
             Stuck::ResumeAttempt(_) => "resume_attempt",
             Stuck::CheckLive(_) => "check_live",
+            Stuck::CheckInbound => "check_inbound",
         }
     }
 }
@@ -749,7 +753,7 @@ impl Call {
     pub fn stuck(&self, now: DateTime<Utc>, quiet: chrono::Duration) -> Option<Stuck> {
         let since = self.look_at()? + quiet;
         if self.direction == Direction::Inbound {
-            return (now >= since).then_some(Stuck::ResumeAttempt(1));
+            return (now >= since).then_some(Stuck::CheckInbound);
         }
         let attempt = self.current_attempt();
         let ringing = match attempt {

@@ -277,9 +277,14 @@ impl ProfileInput {
                 format!("must be 1 to {}", limits::MAX_WEIGHT),
             ));
         }
-        if let Some(hours) = &self.hours {
-            CompiledHours::compile(hours)?;
-        }
+        // Stored as understood: `monday` → `mon`, `9:00` → `09:00`.
+        let hours = match &self.hours {
+            Some(hours) => {
+                CompiledHours::compile(hours)?;
+                Some(canonical_hours(hours))
+            }
+            None => None,
+        };
         if let Some(cap) = self.max_concurrent_calls {
             if !(1..=limits::MAX_CONCURRENT).contains(&cap) {
                 return Err(bad(
@@ -317,7 +322,7 @@ impl ProfileInput {
             trunk_ids,
             rule_ids,
             weight,
-            hours: self.hours,
+            hours,
             max_concurrent_calls: self.max_concurrent_calls,
             fallback: self.fallback,
             agent_join_timeout_s,
@@ -358,6 +363,50 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 }
 
 // --- hours -------------------------------------------------------------------------------
+
+/// `hours` (already validated) written the one way they are shown back.
+fn canonical_hours(hours: &Hours) -> Hours {
+    let time = |t: &str| {
+        if t == "24:00" {
+            return t.to_owned();
+        }
+        NaiveTime::parse_from_str(t, "%H:%M")
+            .map(|t| t.format("%H:%M").to_string())
+            .unwrap_or_else(|_| t.to_owned())
+    };
+    let day = |d: &String| {
+        let d = d.to_ascii_lowercase();
+        d.get(..3).map(str::to_owned).unwrap_or(d)
+    };
+    Hours {
+        time_zone: hours.time_zone.clone(),
+        weekly: hours
+            .weekly
+            .iter()
+            .map(|w| WeeklyWindow {
+                days: w.days.iter().map(day).collect(),
+                start: time(&w.start),
+                end: time(&w.end),
+            })
+            .collect(),
+        overrides: hours
+            .overrides
+            .iter()
+            .map(|o| DateOverride {
+                date: o.date.clone(),
+                closed: o.closed,
+                windows: o
+                    .windows
+                    .iter()
+                    .map(|w| TimeWindow {
+                        start: time(&w.start),
+                        end: time(&w.end),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
 
 #[derive(Debug, Clone)]
 struct Span {
@@ -1236,6 +1285,18 @@ mod tests {
         // Christmas Eve: morning only.
         assert!(r.open_at(utc("2026-12-24T10:00:00Z")));
         assert!(!r.open_at(utc("2026-12-24T14:00:00Z")));
+    }
+
+    #[test]
+    fn hours_are_stored_as_understood() {
+        let p = profile(with(
+            base("a"),
+            json!({"hours": {"time_zone": "UTC",
+                "weekly": [{"days": ["Monday", "TUE"], "start": "9:00", "end": "24:00"}]}}),
+        ));
+        let w = &p.hours.expect("hours").weekly[0];
+        assert_eq!(w.days, vec!["mon", "tue"]);
+        assert_eq!((w.start.as_str(), w.end.as_str()), ("09:00", "24:00"));
     }
 
     #[test]
