@@ -742,7 +742,19 @@ async fn capacity_overflows_to_the_fallback_and_ends_free_slots() {
         (loads.get("capped") == Some(&1)).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Every worker routes from its in-memory loads: wait until they show the freed slot.
+    eventually(
+        "every worker to see the freed slot",
+        Duration::from_secs(5),
+        || async {
+            fleet
+                .worker_routing
+                .iter()
+                .all(|r| r.loads().get("capped") == Some(&1))
+                .then_some(())
+        },
+    )
+    .await;
     let placed = place(&fleet, json!({"from": "+14155550999", "to": DID})).await;
     let room = placed["room_name"].as_str().expect("room").to_owned();
     let call = eventually("routed", Duration::from_secs(10), || async {
