@@ -17,6 +17,7 @@ mod livekit_cli;
 mod lost_answers;
 mod outbound;
 mod readme;
+mod receiver;
 mod routing_conformance;
 mod store_conformance;
 mod sweeper;
