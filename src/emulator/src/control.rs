@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::agents::{DispatchRecord, DispatchSource};
 use crate::faults::Faults;
-use crate::sip::{CallScript, HangupError, InboundCall};
+use crate::sip::{self, CallScript, HangupError, InboundCall, TransferScript};
 use crate::Emulator;
 
 pub fn router(emu: Emulator) -> Router {
@@ -23,6 +23,11 @@ pub fn router(emu: Emulator) -> Router {
         .route("/rooms", get(rooms))
         .route("/scripts", get(scripts).delete(clear_scripts))
         .route("/scripts/{number}", put(put_script).delete(delete_script))
+        .route("/transfers", get(transfers).delete(clear_transfers))
+        .route(
+            "/transfers/{target}",
+            put(put_transfer).delete(delete_transfer),
+        )
         .route("/faults", get(get_faults).put(put_faults))
         .route("/inbound", post(inbound).get(inbound_calls))
         .route("/inbound/{sip_call_id}/hangup", post(hangup))
@@ -198,6 +203,50 @@ async fn put_script(
 
 async fn delete_script(State(emu): State<Emulator>, Path(number): Path<String>) -> StatusCode {
     emu.inner.scripts.lock().remove(&number);
+    StatusCode::NO_CONTENT
+}
+
+/// `GET /transfers`: every transfer target's script, by `transfer_to`.
+async fn transfers(State(emu): State<Emulator>) -> Json<Value> {
+    Json(json!({
+        "transfers": *emu.inner.transfer_scripts.lock(),
+        "default_after_ms": sip::DEFAULT_TRANSFER_AFTER_MS,
+        "default_ringing_timeout_ms": sip::DEFAULT_TRANSFER_TIMEOUT.as_millis() as u64,
+    }))
+}
+
+async fn clear_transfers(State(emu): State<Emulator>) -> StatusCode {
+    emu.inner.transfer_scripts.lock().clear();
+    StatusCode::NO_CONTENT
+}
+
+/// `PUT /transfers/{target}` (the exact `transfer_to`, URL-encoded): what a transfer to it
+/// does. Unknown fields and bad values are 422 naming the field.
+async fn put_transfer(
+    State(emu): State<Emulator>,
+    Path(target): Path<String>,
+    Json(script): Json<TransferScript>,
+) -> Response {
+    if !sip::transfer_target_ok(&target) {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &format!("transfer target {target:?} must start with tel:, sip: or sips:"),
+            json!({"target": target}),
+        );
+    }
+    if let Err((field, message)) = script.check() {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &message,
+            json!({"field": field}),
+        );
+    }
+    emu.inner.transfer_scripts.lock().insert(target, script);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn delete_transfer(State(emu): State<Emulator>, Path(target): Path<String>) -> StatusCode {
+    emu.inner.transfer_scripts.lock().remove(&target);
     StatusCode::NO_CONTENT
 }
 

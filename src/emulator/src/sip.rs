@@ -1,4 +1,5 @@
-//! SIP: scripted outbound dial outcomes and simulated inbound calls.
+//! SIP: scripted outbound dial outcomes, scripted transfer targets and simulated inbound
+//! calls.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -6,7 +7,7 @@ use std::time::Duration;
 use livekit_protocol as proto;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::ids::{guid, now_ms};
 use crate::twirp::TwirpError;
@@ -412,12 +413,17 @@ impl Dial {
     }
 }
 
-/// TransferSIPParticipant's validation, then an `X-Lk-Mock` `sipStatus`: everything that
-/// refuses a transfer before anything happens.
-pub fn check_transfer(
-    req: &proto::TransferSipParticipantRequest,
-    forced_status: Option<(u16, Option<String>)>,
-) -> Result<(), TwirpError> {
+/// Whether `target` is a transfer destination LiveKit accepts: a `tel:`, `sip:` or `sips:`
+/// URI (protocol `livekit/sip.go`).
+pub fn transfer_target_ok(target: &str) -> bool {
+    ["tel:", "sip:", "sips:"]
+        .iter()
+        .any(|p| target.starts_with(p))
+}
+
+/// TransferSIPParticipant's validation, as the real server does it: everything that
+/// refuses a transfer before anything happens (an `X-Lk-Mock` `sipStatus` comes after).
+pub fn check_transfer(req: &proto::TransferSipParticipantRequest) -> Result<(), TwirpError> {
     if req.room_name.is_empty() {
         return Err(TwirpError::new("invalid_argument", "missing room name"));
     }
@@ -433,47 +439,299 @@ pub fn check_transfer(
             "missing transfer target",
         ));
     }
-    if !["tel:", "sip:", "sips:"]
-        .iter()
-        .any(|p| req.transfer_to.starts_with(p))
-    {
+    if !transfer_target_ok(&req.transfer_to) {
         return Err(TwirpError::new(
             "invalid_argument",
             "transfer_to must start with tel:, sip: or sips:",
         ));
     }
-    if let Some((code, text)) = forced_status {
-        return Err(sip_error(code, text.as_deref()));
-    }
     Ok(())
 }
 
-/// TransferSIPParticipant once [`check_transfer`] passed: the (simulated) REFER is sent
-/// and the caller leaves the room.
-pub fn transfer(
-    emu: &Emulator,
-    req: proto::TransferSipParticipantRequest,
-) -> Result<(), TwirpError> {
-    let Some(p) = emu.participant(&req.room_name, &req.participant_identity) else {
-        return Err(TwirpError::new(
-            "not_found",
-            "twirp error unknown: participant does not exist",
-        ));
-    };
-    if !p.attributes.contains_key("sip.callID") {
-        return Err(TwirpError::new(
-            "invalid_argument",
-            "no SIP session associated with participant",
-        ));
+/// What a transfer target does when the caller is referred to it (a cold transfer: SIP
+/// REFER, and the provider calls the target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferOutcome {
+    /// Answers after `after_ms`: the REFER succeeds and the caller leaves the room.
+    Answer,
+    /// 603 Decline.
+    Decline,
+    /// 486 Busy Here.
+    Busy,
+    /// Never answers: 408 once the request's ringing timeout (or `after_ms`) passes.
+    NoAnswer,
+    /// 480 Temporarily Unavailable.
+    Unavailable,
+    /// Fails with the script's `sip_status`.
+    SipStatus,
+}
+
+impl TransferOutcome {
+    /// The snake_case name it is serialized with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Answer => "answer",
+            Self::Decline => "decline",
+            Self::Busy => "busy",
+            Self::NoAnswer => "no_answer",
+            Self::Unavailable => "unavailable",
+            Self::SipStatus => "sip_status",
+        }
     }
-    emu.set_attribute(&req.room_name, &p.sid, "sip.callStatus", "hangup");
+}
+
+/// The script for a transfer target, keyed by the exact `transfer_to` string
+/// (`PUT /emulator/v1/transfers/{target}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferScript {
+    pub outcome: TransferOutcome,
+    /// Time from the REFER to the outcome ([`DEFAULT_TRANSFER_AFTER_MS`] when not given).
+    /// For `no_answer`, a cap on the request's ringing timeout (so tests can be fast).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_ms: Option<u64>,
+    /// The final SIP status of outcome `sip_status` (and only of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sip_status: Option<u16>,
+}
+
+/// How long a scripted transfer target takes when its script does not say.
+pub const DEFAULT_TRANSFER_AFTER_MS: u64 = 200;
+
+/// LiveKit's server gives a transfer 30 s when the request names no ringing timeout
+/// (livekit `pkg/service/sip.go` `TransferSIPParticipant`).
+pub const DEFAULT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl TransferScript {
+    /// The checks serde cannot make: `Err((field, message))`.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        match (self.outcome, self.sip_status) {
+            (TransferOutcome::SipStatus, None) => Err((
+                "sip_status",
+                "sip_status is required with outcome sip_status".into(),
+            )),
+            (TransferOutcome::SipStatus, Some(code)) if !(400..=699).contains(&code) => Err((
+                "sip_status",
+                format!("sip_status {code} is not a final failure status (400 to 699)"),
+            )),
+            (TransferOutcome::SipStatus, Some(_)) | (_, None) => Ok(()),
+            (other, Some(_)) => Err((
+                "sip_status",
+                format!(
+                    "sip_status is only for outcome sip_status, not {}",
+                    other.as_str()
+                ),
+            )),
+        }
+    }
+
+    /// The final SIP status the REFER fails with (`None`: the target answers).
+    fn failure_status(&self) -> Option<u16> {
+        match self.outcome {
+            TransferOutcome::Answer => None,
+            TransferOutcome::Decline => Some(603),
+            TransferOutcome::Busy => Some(486),
+            TransferOutcome::Unavailable => Some(480),
+            TransferOutcome::NoAnswer => Some(408),
+            TransferOutcome::SipStatus => self.sip_status,
+        }
+    }
+}
+
+/// A transfer whose target is still ringing, per `sip.callID` (livekit/sip
+/// `pendingTransfers`): a repeated request for the same target waits for its result.
+pub struct PendingTransfer {
+    pub target: String,
+    pub done: watch::Receiver<Option<TransferResult>>,
+}
+
+/// What became of a TransferSIPParticipant past validation.
+#[derive(Debug, Clone)]
+pub struct TransferResult {
+    /// For the request record: the script's outcome (`answer`, `busy`, ...), `unscripted`,
+    /// `ringing_timeout` (a scripted target slower than the ringing timeout), `caller_left`
+    /// (the call ended while the target rang), `already_transferring` (another target is
+    /// ringing for this call), `no_participant` or `not_sip`.
+    pub outcome: &'static str,
+    /// The request joined a transfer of the same call to the same target already ringing.
+    pub repeat: bool,
+    pub result: Result<(), TwirpError>,
+}
+
+impl TransferResult {
+    fn new(outcome: &'static str, result: Result<(), TwirpError>) -> Self {
+        Self {
+            outcome,
+            repeat: false,
+            result,
+        }
+    }
+}
+
+/// The 408 of a transfer target that did not answer within the ringing timeout.
+fn transfer_timeout() -> TwirpError {
+    sip_error(408, None)
+}
+
+/// The transferred call ends: LiveKit's SIP service hangs up after the REFER succeeded
+/// (`CallHangup`, so `sip.callStatus` becomes `hangup`), and its participant leaves the room
+/// with CLIENT_INITIATED (livekit/sip `outboundCall.transferCall` closes with
+/// `Reason: CLIENT_INITIATED`; an inbound call closes as a hangup, whose
+/// `CallStatus.DisconnectReason()` is CLIENT_INITIATED too).
+fn transferred(emu: &Emulator, room: &str, identity: &str, sid: &str) {
+    emu.set_attribute(room, sid, "sip.callStatus", "hangup");
     emu.leave(
-        &req.room_name,
-        &req.participant_identity,
+        room,
+        identity,
         proto::DisconnectReason::ClientInitiated,
-        Some(&p.sid),
+        Some(sid),
     );
-    Ok(())
+}
+
+/// Waits up to `wait` while the participant `sid` stays in `room`; false if it left.
+async fn stays_for(emu: &Emulator, room: &str, sid: &str, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let changed = emu.inner.participants_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let here = emu
+            .inner
+            .rooms
+            .lock()
+            .get(room)
+            .is_some_and(|r| r.participants.iter().any(|p| p.sid == sid));
+        if !here {
+            return false;
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = tokio::time::sleep_until(deadline) => return true,
+        }
+    }
+}
+
+/// TransferSIPParticipant once [`check_transfer`] passed: the (simulated) REFER is sent
+/// and the request blocks while the target rings, as LiveKit's does. An unscripted target
+/// answers at once; a scripted one plays its [`TransferScript`]. On success the caller
+/// leaves the room; a failed transfer keeps the call.
+pub async fn transfer(emu: &Emulator, req: proto::TransferSipParticipantRequest) -> TransferResult {
+    let Some(p) = emu.participant(&req.room_name, &req.participant_identity) else {
+        return TransferResult::new(
+            "no_participant",
+            Err(TwirpError::new(
+                "not_found",
+                "twirp error unknown: participant does not exist",
+            )),
+        );
+    };
+    let Some(call_id) = p.attributes.get("sip.callID").cloned() else {
+        return TransferResult::new(
+            "not_sip",
+            Err(TwirpError::new(
+                "invalid_argument",
+                "no SIP session associated with participant",
+            )),
+        );
+    };
+    let script = emu
+        .inner
+        .transfer_scripts
+        .lock()
+        .get(&req.transfer_to)
+        .cloned();
+    let ringing_timeout = duration_of(&req.ringing_timeout).unwrap_or(DEFAULT_TRANSFER_TIMEOUT);
+
+    // One REFER per call at a time (livekit/sip `transferSIPParticipant`): a repeated
+    // request to the same target waits for the ringing one's result, another target is
+    // refused. An unscripted target answers at once, so it is never pending.
+    let (tx, rx) = watch::channel(None);
+    let joined = {
+        let mut pending = emu.inner.pending_transfers.lock();
+        match pending.get(&call_id) {
+            Some(t) if t.target != req.transfer_to => {
+                return TransferResult::new(
+                    "already_transferring",
+                    Err(TwirpError::new(
+                        "invalid_argument",
+                        "twirp error unknown: call already being transferred elsewhere",
+                    )),
+                );
+            }
+            Some(t) => Some(t.done.clone()),
+            None if script.is_none() => None,
+            None => {
+                pending.insert(
+                    call_id.clone(),
+                    PendingTransfer {
+                        target: req.transfer_to.clone(),
+                        done: rx.clone(),
+                    },
+                );
+                None
+            }
+        }
+    };
+    if let Some(mut done) = joined {
+        // This request's own deadline still applies.
+        let waited = tokio::time::timeout(ringing_timeout, done.wait_for(Option::is_some)).await;
+        let mut result = match waited {
+            Ok(Ok(r)) => r
+                .clone()
+                .unwrap_or_else(|| TransferResult::new("ringing_timeout", Err(transfer_timeout()))),
+            Ok(Err(_)) | Err(_) => TransferResult::new("ringing_timeout", Err(transfer_timeout())),
+        };
+        result.repeat = true;
+        return result;
+    }
+    let Some(script) = script else {
+        transferred(emu, &req.room_name, &req.participant_identity, &p.sid);
+        return TransferResult::new("unscripted", Ok(()));
+    };
+
+    let after = Duration::from_millis(script.after_ms.unwrap_or(DEFAULT_TRANSFER_AFTER_MS));
+    let (wait, times_out) = match (script.outcome, script.after_ms) {
+        (TransferOutcome::NoAnswer, Some(ms)) => {
+            (ringing_timeout.min(Duration::from_millis(ms)), true)
+        }
+        (TransferOutcome::NoAnswer, None) => (ringing_timeout, true),
+        // A target slower than the ringing timeout never gets to answer.
+        _ if after > ringing_timeout => (ringing_timeout, true),
+        _ => (after, false),
+    };
+    let result = if !stays_for(emu, &req.room_name, &p.sid, wait).await {
+        // The REFER was accepted but the call ended before the target answered: LiveKit's
+        // SIP service answers success ("refer canceled: call ended before transfer
+        // completed").
+        TransferResult::new("caller_left", Ok(()))
+    } else if times_out {
+        let outcome = if script.outcome == TransferOutcome::NoAnswer {
+            "no_answer"
+        } else {
+            "ringing_timeout"
+        };
+        TransferResult::new(outcome, Err(transfer_timeout()))
+    } else {
+        match script.failure_status() {
+            None => {
+                transferred(emu, &req.room_name, &req.participant_identity, &p.sid);
+                TransferResult::new(script.outcome.as_str(), Ok(()))
+            }
+            Some(code) => TransferResult::new(script.outcome.as_str(), Err(sip_error(code, None))),
+        }
+    };
+    {
+        let mut pending = emu.inner.pending_transfers.lock();
+        if pending
+            .get(&call_id)
+            .is_some_and(|t| t.done.same_channel(&rx))
+        {
+            pending.remove(&call_id);
+        }
+    }
+    let _ = tx.send(Some(result.clone()));
+    result
 }
 
 /// A PSTN call arriving on a trunk.

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::agents::DispatchRecord;
 use crate::faults::Faults;
 use crate::ids::{guid, now_ms, now_s};
-use crate::sip::{CallScript, InboundCallResult};
+use crate::sip::{CallScript, InboundCallResult, PendingTransfer, TransferScript};
 use crate::sip_admin::SipStore;
 use crate::webhooks::WebhookSender;
 use crate::{Emulator, EmulatorConfig};
@@ -73,7 +73,10 @@ pub struct ApiRecord {
     /// the participant gets (`sip_<number>` when the request leaves it empty).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
-    /// Other key fields (`sip_call_to`, `agent_name`, `sip_trunk_id`, `transfer_to`).
+    /// Other key fields (`sip_call_to`, `agent_name`, `sip_trunk_id`; for
+    /// TransferSIPParticipant `transfer_to`, `play_dialtone`, `ringing_timeout` in seconds
+    /// (`0`: unset), `headers_count`, `transfer_outcome`, and `transfer_repeat` when it
+    /// joined a transfer of the same call already ringing).
     pub fields: HashMap<String, String>,
     /// HTTP status of the answer; `0` when none was sent (in flight, or dropped).
     pub status: u16,
@@ -144,6 +147,10 @@ pub struct Inner {
     pub participants_changed: tokio::sync::Notify,
     pub records: Mutex<Records>,
     pub scripts: Mutex<HashMap<String, CallScript>>,
+    /// What each transfer target does, by the exact `transfer_to` string.
+    pub transfer_scripts: Mutex<HashMap<String, TransferScript>>,
+    /// Transfers whose target is still ringing, by `sip.callID`.
+    pub pending_transfers: Mutex<HashMap<String, PendingTransfer>>,
     pub faults: Mutex<Faults>,
     /// Signalled whenever the faults are replaced (paused deliveries wait on it).
     pub faults_changed: tokio::sync::Notify,
@@ -198,6 +205,8 @@ impl Inner {
             participants_changed: tokio::sync::Notify::new(),
             records: Mutex::new(Records::default()),
             scripts: Mutex::new(HashMap::new()),
+            transfer_scripts: Mutex::new(HashMap::new()),
+            pending_transfers: Mutex::new(HashMap::new()),
             faults: Mutex::new(Faults::default()),
             faults_changed: tokio::sync::Notify::new(),
             webhook_urls: Mutex::new(urls),
@@ -213,8 +222,8 @@ impl Inner {
         self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Back to the state at start: no rooms, records, scripts or faults, and only the
-    /// configured webhook URLs (those added at run time are forgotten).
+    /// Back to the state at start: no rooms, records, dial or transfer scripts or faults,
+    /// and only the configured webhook URLs (those added at run time are forgotten).
     pub fn reset(&self) {
         self.rooms.lock().clear();
         *self.sip.lock() = seeded_sip(&self.config);
@@ -223,6 +232,8 @@ impl Inner {
         self.inbound_calls.lock().clear();
         *self.records.lock() = Records::default();
         self.scripts.lock().clear();
+        self.transfer_scripts.lock().clear();
+        self.pending_transfers.lock().clear();
         *self.webhook_urls.lock() = configured_urls(&self.config);
         *self.faults.lock() = Faults::default();
         self.faults_changed.notify_waiters();

@@ -450,6 +450,15 @@ fn encode<T: prost::Message + Serialize>(wire: Wire, msg: &T) -> Response {
     }
 }
 
+/// A protobuf Duration as seconds (`1`, `1.5`); `0` when the request leaves it unset.
+fn seconds(d: &Option<pbjson_types::Duration>) -> String {
+    let Some(d) = d else {
+        return "0".into();
+    };
+    let s = d.seconds as f64 + f64::from(d.nanos) / 1e9;
+    s.to_string()
+}
+
 /// An empty message (`google.protobuf.Empty` or any message with no fields set).
 fn encode_empty(wire: Wire) -> Response {
     match wire {
@@ -860,9 +869,9 @@ async fn execute(emu: &Emulator, call: Call<'_>, summary: &mut Summary) -> Respo
             summary.identity = Some(r.identity.clone());
             let result = grants.room_admin(&r.room).and_then(|_| {
                 summary.executed = true;
-                if !emu.inner.rooms.lock().contains_key(&r.room) {
-                    return Err(no_room());
-                }
+                // LiveKit asks its store whether the participant is there, so a room that
+                // does not exist is "participant does not exist" too (livekit
+                // `RoomService.RemoveParticipant` → `ErrParticipantNotFound`).
                 let p = emu
                     .participant(&r.room, &r.identity)
                     .ok_or_else(no_participant)?;
@@ -984,14 +993,42 @@ async fn execute(emu: &Emulator, call: Call<'_>, summary: &mut Summary) -> Respo
             summary
                 .fields
                 .insert("transfer_to".into(), r.transfer_to.clone());
-            let result = grants
+            summary
+                .fields
+                .insert("play_dialtone".into(), r.play_dialtone.to_string());
+            summary
+                .fields
+                .insert("ringing_timeout".into(), seconds(&r.ringing_timeout));
+            summary
+                .fields
+                .insert("headers_count".into(), r.headers.len().to_string());
+            let checked = grants
                 .sip_call()
                 .and_then(|_| grants.room_admin(&r.room_name))
-                .and_then(|_| sip::check_transfer(&r, forced_sip))
-                .and_then(|_| {
+                .and_then(|_| sip::check_transfer(&r));
+            let result = match (checked, forced_sip) {
+                (Err(e), _) => Err(e),
+                // An `X-Lk-Mock` `sipStatus` fails the transfer at once, nothing carried out.
+                (Ok(()), Some((code, text))) => {
+                    summary
+                        .fields
+                        .insert("transfer_outcome".into(), "mock_sip_status".into());
+                    Err(sip::sip_error(code, text.as_deref()))
+                }
+                (Ok(()), None) => {
                     summary.executed = true;
-                    sip::transfer(emu, r)
-                });
+                    let done = sip::transfer(emu, r).await;
+                    summary
+                        .fields
+                        .insert("transfer_outcome".into(), done.outcome.into());
+                    if done.repeat {
+                        summary
+                            .fields
+                            .insert("transfer_repeat".into(), "true".into());
+                    }
+                    done.result
+                }
+            };
             match result {
                 Ok(()) => encode_empty(wire),
                 Err(e) => twirp_response(e),
