@@ -324,6 +324,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             } else {
                 None
             };
+            // Dev mode's keys see full numbers on the stream unless told otherwise.
+            if ingress.number_keys().is_empty() {
+                ingress.number_keys = ingress.api_keys.clone();
+            }
             ingress.validate(true)?;
             let broker_kind = backend.broker_or(BrokerKind::Memory);
             let store_kind = backend.store_or(StoreKind::Memory);
@@ -554,7 +558,13 @@ async fn start_ingress(
                 region: Some(parse_region(&ingress.default_region)?),
                 trunk_id: livekit.livekit_sip_trunk_id.clone(),
             },
+            number_keys: ingress.number_keys().into_iter().map(Into::into).collect(),
+            stream: fleet::StreamSettings {
+                buffer: ingress.stream_buffer,
+                heartbeat: Duration::from_secs(ingress.stream_heartbeat_s),
+            },
         },
+        stop.clone(),
     );
     serve(
         ingress.http_addr,

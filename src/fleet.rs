@@ -12,10 +12,11 @@ use callfleet_core::domain::request::CallDefaults;
 use callfleet_core::lifecycle::Readiness;
 use callfleet_core::ports::LiveKit;
 use callfleet_core::routing::RoutingCache;
+use callfleet_ingress::events::EventHub;
 use callfleet_ingress::IngressState;
 use callfleet_workers::{
-    CallDeps, Inbound, InboundSettings, OutboundCallHandler, OutboundSettings, SweepSettings,
-    Sweeper, WebhookEventHandler, WorkerRuntime,
+    CallDeps, ControlHandler, Inbound, InboundSettings, OutboundCallHandler, OutboundSettings,
+    SweepSettings, Sweeper, WebhookEventHandler, WorkerRuntime,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -55,14 +56,37 @@ pub struct IngressSettings {
     /// LiveKit API keys whose signatures webhooks may carry.
     pub webhook_keys: Vec<(String, SecretString)>,
     pub defaults: CallDefaults,
+    /// API keys that see phone numbers in full on the live stream.
+    pub number_keys: Vec<SecretString>,
+    pub stream: StreamSettings,
 }
 
-/// The ingress's state (serve it with `callfleet_ingress::app`).
+/// The live stream's bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamSettings {
+    /// Events a client may fall behind before it is disconnected.
+    pub buffer: usize,
+    /// Keep-alive comment interval on an idle stream.
+    pub heartbeat: Duration,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            buffer: 4_096,
+            heartbeat: Duration::from_secs(15),
+        }
+    }
+}
+
+/// The ingress's state (serve it with `callfleet_ingress::app`). `stop` ends its live
+/// streams (they would otherwise hold a graceful shutdown open for its whole drain time).
 pub fn ingress(
     backends: &Backends,
     routing: Arc<RoutingCache>,
     clock: Arc<dyn Clock>,
     settings: IngressSettings,
+    stop: CancellationToken,
 ) -> IngressState {
     IngressState {
         routing,
@@ -74,6 +98,13 @@ pub fn ingress(
         webhook_keys: Arc::new(settings.webhook_keys),
         defaults: settings.defaults,
         clock,
+        events: EventHub::start(
+            Arc::clone(&backends.events),
+            settings.stream.buffer,
+            settings.stream.heartbeat,
+            stop,
+        ),
+        number_keys: Arc::new(settings.number_keys),
     }
 }
 
@@ -173,7 +204,8 @@ pub fn worker(
     ))
     .with_handler(Arc::new(
         WebhookEventHandler::new(deps.clone()).with_inbound(inbound),
-    ));
+    ))
+    .with_handler(Arc::new(ControlHandler::new(deps.clone())));
     Worker {
         runtime,
         sweeper: Sweeper::new(deps, settings.sweep.clone()),

@@ -81,6 +81,8 @@ fn ingress_settings() -> IngressSettings {
             region: parse_region("US").ok(),
             trunk_id: Some("ST_bench".into()),
         },
+        number_keys: vec![KEY.into()],
+        stream: Default::default(),
     }
 }
 
@@ -89,10 +91,13 @@ async fn resolve(n: usize, rate: f64, seconds: u64) -> Result<(), Error> {
     let stop = CancellationToken::new();
     let routing_store = Arc::new(MemoryRouting::new());
     routing_store.import(&profiles(n), None).await?;
+    let memory = MemoryStore::new();
     let backends = Backends {
         broker: Arc::new(MemoryBroker::new(10)),
-        store: Arc::new(MemoryStore::new()),
+        events: Arc::new(memory.events()),
+        store: Arc::new(memory),
         routing: routing_store,
+        subscriptions: Arc::new(callfleet_core::adapters::MemorySubscriptions::new()),
         delivery_limit: 10,
     };
     let routing = fleet::routing(&backends, None, stop.clone()).await?;
@@ -101,6 +106,7 @@ async fn resolve(n: usize, rate: f64, seconds: u64) -> Result<(), Error> {
         routing,
         Arc::new(SystemClock),
         ingress_settings(),
+        stop.clone(),
     ));
     let total = (rate * seconds as f64) as u64;
     let started = Instant::now();
@@ -258,6 +264,8 @@ async fn webhook_to_dispatch(rate: f64, seconds: u64) -> Result<(), Error> {
     let backends = Backends {
         broker: broker.clone(),
         routing: Arc::new(redis.routing()),
+        subscriptions: Arc::new(redis.subscriptions()),
+        events: Arc::new(redis.events()),
         store: Arc::new(redis),
         delivery_limit: 10,
     };
@@ -272,6 +280,7 @@ async fn webhook_to_dispatch(rate: f64, seconds: u64) -> Result<(), Error> {
         routing,
         Arc::new(SystemClock),
         ingress_settings(),
+        stop.clone(),
     );
     let server = tokio::spawn(fleet::serve(
         listener,

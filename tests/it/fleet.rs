@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callfleet::fleet::{self, IngressSettings, WorkerSettings};
-use callfleet_core::adapters::MemoryRouting;
 use callfleet_core::adapters::{Backends, LiveKitApi};
+use callfleet_core::adapters::{MemoryRouting, MemoryStore};
+use callfleet_core::adapters::{MemorySubscriptions, RedisStore};
 use callfleet_core::calls::ShiftedClock;
 use callfleet_core::domain::phone::parse_region;
 use callfleet_core::domain::request::CallDefaults;
-use callfleet_core::ports::{Broker, RoutingStore, Store};
+use callfleet_core::ports::SubscriptionStore;
+use callfleet_core::ports::{Broker, EventLog, RoutingStore, Store};
 use callfleet_core::routing::RoutingCache;
 use callfleet_workers::{InboundSettings, OutboundSettings, SweepSettings};
 use livekit_emulator::{ApiRecord, Emulator, EmulatorConfig, RunningEmulator};
@@ -19,11 +21,13 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{
-    eventually, memory_broker, memory_store, rabbit_broker, redis_routing_at, redis_store_at,
+    eventually, memory_broker, rabbit_broker, redis_events_at, redis_routing_at, redis_store_at,
     CleanOnDrop, FlakyBroker, FlakyStore, Outage,
 };
 
 pub const API_KEY: &str = "test-key";
+/// A key of the call API that may not see phone numbers in full on the stream.
+pub const VIEWER_KEY: &str = "viewer-key";
 pub const TRUNK: &str = "ST_test";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,42 +116,70 @@ pub struct TestFleet {
 fn ingress_settings() -> IngressSettings {
     IngressSettings {
         max_body_bytes: 64 * 1024,
-        api_keys: vec![API_KEY.into()],
+        api_keys: vec![API_KEY.into(), VIEWER_KEY.into()],
         webhook_keys: vec![("devkey".into(), "secret".into())],
         defaults: CallDefaults {
             region: parse_region("US").ok(),
             trunk_id: Some(TRUNK.into()),
         },
+        number_keys: vec![API_KEY.into()],
+        // Heartbeats a test can wait for.
+        stream: fleet::StreamSettings {
+            buffer: 4_096,
+            heartbeat: Duration::from_secs(1),
+        },
     }
 }
 
-/// Broker, store, routing store, and the RabbitMQ/Redis prefix when real.
-type Backing4 = (
+/// Broker, store, routing store, event log, and the RabbitMQ/Redis prefix when real.
+type Backing5 = (
     Arc<dyn Broker>,
     Arc<dyn Store>,
     Arc<dyn RoutingStore>,
+    Arc<dyn EventLog>,
     Option<String>,
 );
 
+/// The subscriptions store: in memory, or on Redis under the fleet's prefix.
+async fn subscriptions_for(prefix: Option<&str>) -> Arc<dyn SubscriptionStore> {
+    match prefix {
+        None => Arc::new(MemorySubscriptions::new()),
+        Some(prefix) => Arc::new(
+            RedisStore::connect(&crate::harness::redis_url(), prefix, Duration::from_secs(5))
+                .await
+                .expect("Redis must be reachable for a RabbitMQ + Redis fleet")
+                .subscriptions(),
+        ),
+    }
+}
+
 impl TestFleet {
     pub async fn start(name: &str, options: FleetOptions) -> Self {
-        let (broker, store, routing, prefix): Backing4 = match options.backing {
-            Backing::Memory => (
-                memory_broker(10),
-                memory_store(),
-                Arc::new(MemoryRouting::new()),
-                None,
-            ),
+        let (broker, store, routing, events, prefix): Backing5 = match options.backing {
+            Backing::Memory => {
+                let memory = MemoryStore::new();
+                let events = Arc::new(memory.events());
+                (
+                    memory_broker(10),
+                    Arc::new(memory),
+                    Arc::new(MemoryRouting::new()),
+                    events,
+                    None,
+                )
+            }
             Backing::RabbitRedis => {
                 let (broker, prefix) = rabbit_broker(name, 10).await;
                 (
                     broker,
                     redis_store_at(&prefix).await,
                     redis_routing_at(&prefix).await,
+                    redis_events_at(&prefix).await,
                     Some(prefix),
                 )
             }
         };
+
+        let subscriptions = subscriptions_for(prefix.as_deref()).await;
         let broker = options.broker.clone().unwrap_or(broker);
         let (broker, store): (Arc<dyn Broker>, Arc<dyn Store>) = match &options.outage {
             Some(outage) => (
@@ -178,6 +210,8 @@ impl TestFleet {
             broker: Arc::clone(&broker),
             store: Arc::clone(&store),
             routing,
+            events,
+            subscriptions,
             delivery_limit: 10,
         };
         let stop = CancellationToken::new();
@@ -190,6 +224,7 @@ impl TestFleet {
             Arc::clone(&routing),
             clock.clone(),
             ingress_settings(),
+            stop.clone(),
         );
         let tasks = vec![tokio::spawn(fleet::serve(
             listener,
@@ -276,6 +311,7 @@ impl TestFleet {
             routing,
             self.clock.clone(),
             ingress_settings(),
+            self.stop.clone(),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -73,6 +73,11 @@ async fn redis_at(prefix: &str) -> RedisStore {
         })
 }
 
+/// The event log of the Redis store under `prefix` (its stream `prefix:events`).
+pub async fn redis_events_at(prefix: &str) -> Arc<dyn callfleet_core::ports::EventLog> {
+    Arc::new(redis_at(prefix).await.events())
+}
+
 /// The routing store on Redis under `prefix` (keys `prefix:routing:*`).
 pub async fn redis_routing_at(prefix: &str) -> Arc<dyn callfleet_core::ports::RoutingStore> {
     Arc::new(redis_at(prefix).await.routing())
@@ -363,10 +368,11 @@ impl Store for FlakyStore {
         data: bytes::Bytes,
         index_score: Option<i64>,
         watch_ms: Option<i64>,
+        events: &[bytes::Bytes],
     ) -> Result<bool, callfleet_core::ports::StoreError> {
         self.outage.store("create_record")?;
         self.inner
-            .create_record(id, data, index_score, watch_ms)
+            .create_record(id, data, index_score, watch_ms, events)
             .await
     }
     async fn get_record(
@@ -382,9 +388,12 @@ impl Store for FlakyStore {
         id: &str,
         expected_version: u64,
         data: bytes::Bytes,
+        events: &[bytes::Bytes],
     ) -> Result<callfleet_core::ports::store::CasOutcome, callfleet_core::ports::StoreError> {
         self.outage.store("update_record")?;
-        self.inner.update_record(id, expected_version, data).await
+        self.inner
+            .update_record(id, expected_version, data, events)
+            .await
     }
     async fn list_index(
         &self,

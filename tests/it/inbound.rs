@@ -80,11 +80,18 @@ pub fn dispatches_in(fleet: &TestFleet, room: &str) -> usize {
 
 /// Waits until every queue (work, delay tiers, dead letters) is empty.
 pub async fn queues_drained(fleet: &TestFleet, timeout: Duration) {
-    eventually("every queue to drain", timeout, || async {
-        let census = fleet.broker.census().await.ok()?;
-        census.values().all(|n| *n == 0).then_some(())
-    })
-    .await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let census = fleet.broker.census().await.ok();
+        if census.as_ref().is_some_and(|c| c.values().all(|n| *n == 0)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queues still hold messages after {timeout:?}: {census:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn caller_attributes(caller: &str, did: &str) -> Value {

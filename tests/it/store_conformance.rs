@@ -9,12 +9,12 @@ use callfleet_core::ports::Store;
 
 pub async fn records_create_read_cas(store: Arc<dyn Store>) {
     assert!(store
-        .create_record("call_1", Bytes::from_static(b"v1"), Some(10), None)
+        .create_record("call_1", Bytes::from_static(b"v1"), Some(10), None, &[])
         .await
         .expect("create"));
     assert!(
         !store
-            .create_record("call_1", Bytes::from_static(b"other"), Some(10), None)
+            .create_record("call_1", Bytes::from_static(b"other"), Some(10), None, &[])
             .await
             .expect("create again"),
         "create-if-absent"
@@ -27,14 +27,14 @@ pub async fn records_create_read_cas(store: Arc<dyn Store>) {
     assert_eq!((rec.version, rec.data.as_ref()), (1, &b"v1"[..]));
     assert_eq!(
         store
-            .update_record("call_1", 1, Bytes::from_static(b"v2"))
+            .update_record("call_1", 1, Bytes::from_static(b"v2"), &[])
             .await
             .expect("cas"),
         CasOutcome::Updated(2)
     );
     assert_eq!(
         store
-            .update_record("call_1", 1, Bytes::from_static(b"stale"))
+            .update_record("call_1", 1, Bytes::from_static(b"stale"), &[])
             .await
             .expect("cas"),
         CasOutcome::Conflict
@@ -51,7 +51,7 @@ pub async fn records_create_read_cas(store: Arc<dyn Store>) {
     );
     assert_eq!(
         store
-            .update_record("missing", 1, Bytes::new())
+            .update_record("missing", 1, Bytes::new(), &[])
             .await
             .expect("cas"),
         CasOutcome::Conflict
@@ -61,7 +61,7 @@ pub async fn records_create_read_cas(store: Arc<dyn Store>) {
 
 pub async fn concurrent_writers_lose_no_update(store: Arc<dyn Store>) {
     store
-        .create_record("counter", Bytes::from_static(b"0"), None, None)
+        .create_record("counter", Bytes::from_static(b"0"), None, None, &[])
         .await
         .expect("create");
     let mut tasks = Vec::new();
@@ -81,7 +81,7 @@ pub async fn concurrent_writers_lose_no_update(store: Arc<dyn Store>) {
                         .expect("number");
                     let next = Bytes::from((n + 1).to_string());
                     if let CasOutcome::Updated(_) = store
-                        .update_record("counter", rec.version, next)
+                        .update_record("counter", rec.version, next, &[])
                         .await
                         .expect("cas")
                     {
@@ -106,7 +106,7 @@ pub async fn concurrent_writers_lose_no_update(store: Arc<dyn Store>) {
 pub async fn index_lists_newest_first_with_cursor(store: Arc<dyn Store>) {
     for i in 0..7 {
         store
-            .create_record(&format!("r{i}"), Bytes::new(), Some(1_000 + i), None)
+            .create_record(&format!("r{i}"), Bytes::new(), Some(1_000 + i), None, &[])
             .await
             .expect("create");
     }
@@ -336,14 +336,14 @@ pub async fn watch_list_orders_replaces_and_forgets(store: Arc<dyn Store>) {
     store.unwatch("b").await.expect("unwatch");
     assert_eq!(store.due_watches(1_000, 10).await.expect("due"), ["c", "a"]);
     let created = store
-        .create_record("d", Bytes::from_static(b"{}"), None, Some(50))
+        .create_record("d", Bytes::from_static(b"{}"), None, Some(50), &[])
         .await
         .expect("create");
     assert!(created);
     assert_eq!(store.due_watches(60, 10).await.expect("due"), ["d"]);
     // A record that already exists is not created, and its watch is not touched.
     let again = store
-        .create_record("d", Bytes::from_static(b"{}"), None, Some(5_000))
+        .create_record("d", Bytes::from_static(b"{}"), None, Some(5_000), &[])
         .await
         .expect("create again");
     assert!(!again);

@@ -2,6 +2,7 @@
 //! job handlers that run on it (outbound call jobs, LiveKit webhook events).
 
 pub mod calls;
+pub mod control;
 pub mod events;
 pub mod inbound;
 pub mod outbound;
@@ -10,6 +11,7 @@ pub mod steps;
 pub mod sweeper;
 
 pub use calls::{CallDeps, OutboundSettings};
+pub use control::ControlHandler;
 pub use events::WebhookEventHandler;
 pub use inbound::{Inbound, InboundSettings};
 pub use outbound::OutboundCallHandler;

@@ -278,9 +278,7 @@ mod tests {
         }
         async fn transfer_sip_participant(
             &self,
-            _: &str,
-            _: &str,
-            _: &str,
+            _: callfleet_core::ports::TransferRequest,
         ) -> Result<(), LiveKitError> {
             Ok(())
         }

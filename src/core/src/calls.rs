@@ -8,7 +8,8 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Call, CallStatus, Direction};
+use crate::domain::events::CallEvent;
+use crate::domain::{Call, CallStatus, Direction, TimelineEntry};
 use crate::ports::broker::{headers, Message, WorkQueue};
 use crate::ports::store::{index_cursor, CasOutcome, Store, StoreError};
 use crate::ErrorClass;
@@ -70,6 +71,27 @@ impl CallJob {
 
     pub fn parse(body: &[u8]) -> Result<Self, String> {
         serde_json::from_slice(body).map_err(|e| format!("undecodable call job: {e}"))
+    }
+}
+
+/// The body of a control message: run this command of this call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlJob {
+    pub call_id: String,
+    pub command_id: String,
+}
+
+impl ControlJob {
+    /// Its broker message (one per command: the id dedupes a republished one).
+    pub fn message(&self) -> Message {
+        let body = serde_json::to_vec(self).unwrap_or_default();
+        Message::new(WorkQueue::Control, body)
+            .with_id(self.command_id.clone())
+            .with_header(headers::TRACE_ID, self.call_id.clone())
+    }
+
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(body).map_err(|e| format!("undecodable control job: {e}"))
     }
 }
 
@@ -146,6 +168,14 @@ fn encode(call: &Call) -> Bytes {
     Bytes::from(serde_json::to_vec(call).unwrap_or_default())
 }
 
+/// The events a change from `before` to `after` announces, encoded for the event log.
+fn events_of(before: Option<&[TimelineEntry]>, after: &Call) -> Vec<Bytes> {
+    CallEvent::of_change(before, after)
+        .iter()
+        .filter_map(|e| serde_json::to_vec(e).ok().map(Bytes::from))
+        .collect()
+}
+
 impl CallBook {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self { store }
@@ -169,6 +199,7 @@ impl CallBook {
                 Some(call.created_at.timestamp_millis()),
                 // On the sweeper's watch list from the moment it exists.
                 call.look_at().map(|at| at.timestamp_millis()),
+                &events_of(None, call),
             )
             .await?;
         Ok(created.then_some(json))
@@ -240,13 +271,19 @@ impl CallBook {
             };
             let Held { mut call, version } = held;
             let before = encode(&call);
+            let previous = call.timeline.clone();
             let (was_final, was_due) = (call.status.is_terminal(), call.scheduled_for);
             let value = change(&mut call);
             let after = encode(&call);
             if before == after {
                 return Ok(Some((Held { call, version }, value)));
             }
-            match self.store.update_record(id, version, after).await? {
+            let events = events_of(Some(&previous), &call);
+            match self
+                .store
+                .update_record(id, version, after, &events)
+                .await?
+            {
                 CasOutcome::Updated(version) => {
                     self.rewatch(&call, was_final, was_due).await;
                     return Ok(Some((Held { call, version }, value)));

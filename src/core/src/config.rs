@@ -298,9 +298,29 @@ pub struct IngressConfig {
     /// Region for phone numbers written without a country code (ISO 3166 alpha-2).
     #[arg(long, env = "CALLFLEET_DEFAULT_REGION", default_value = "US")]
     pub default_region: String,
+    /// API keys (also listed in CALLFLEET_API_KEYS) that see phone numbers in full on the
+    /// live event stream; other keys see them masked. `dev` lets its key see them.
+    #[arg(long, env = "CALLFLEET_NUMBER_KEYS", default_value = "")]
+    pub number_keys: SecretString,
+    /// Events a stream client may fall behind before it is disconnected as too slow.
+    #[arg(long, env = "CALLFLEET_STREAM_BUFFER", default_value_t = 4_096)]
+    pub stream_buffer: usize,
+    /// Seconds between keep-alive comments on an idle event stream.
+    #[arg(long, env = "CALLFLEET_STREAM_HEARTBEAT_S", default_value_t = 15)]
+    pub stream_heartbeat_s: u64,
 }
 
 impl IngressConfig {
+    pub fn number_keys(&self) -> Vec<String> {
+        self.number_keys
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     pub fn api_keys(&self) -> Vec<String> {
         self.api_keys
             .expose_secret()
@@ -320,6 +340,25 @@ impl IngressConfig {
             return Err(bad(
                 "CALLFLEET_API_KEYS",
                 "each key must be at least 16 characters",
+            ));
+        }
+        let keys = self.api_keys();
+        if self.number_keys().iter().any(|k| !keys.contains(k)) {
+            return Err(bad(
+                "CALLFLEET_NUMBER_KEYS",
+                "every key listed must also be in CALLFLEET_API_KEYS",
+            ));
+        }
+        if !(16..=1_000_000).contains(&self.stream_buffer) {
+            return Err(bad(
+                "CALLFLEET_STREAM_BUFFER",
+                "must be 16 to 1000000 events",
+            ));
+        }
+        if !(1..=300).contains(&self.stream_heartbeat_s) {
+            return Err(bad(
+                "CALLFLEET_STREAM_HEARTBEAT_S",
+                "must be 1 to 300 seconds",
             ));
         }
         if !(1024..=64 * 1024 * 1024).contains(&self.max_body_bytes) {

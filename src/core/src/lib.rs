@@ -5,6 +5,7 @@
 //! configuration in one place.
 
 pub mod adapters;
+pub mod callback;
 pub mod calls;
 pub mod config;
 pub mod domain;

@@ -42,6 +42,18 @@ pub mod metrics {
     pub const MISROUTED: &str = "callfleet_misrouted_messages_total";
     /// Stuck calls the sweeper found, by state and what it did.
     pub const SWEEPER_REPAIRS: &str = "callfleet_sweeper_repairs_total";
+    /// Hang-up and transfer commands, by kind and result.
+    pub const CONTROL_COMMANDS: &str = "callfleet_control_commands_total";
+    /// Clients connected to the live event stream.
+    pub const STREAM_CLIENTS: &str = "callfleet_stream_clients";
+    /// Events sent on the live stream.
+    pub const STREAM_EVENTS: &str = "callfleet_stream_events_total";
+    /// Events a client too slow to keep up missed (it is then disconnected).
+    pub const STREAM_EVENTS_DROPPED: &str = "callfleet_stream_events_dropped_total";
+    /// Callback delivery attempts by result (delivered, retrying, gone, dead_lettered…).
+    pub const CALLBACKS: &str = "callfleet_callbacks_total";
+    /// From a call event to its successful delivery to a receiver.
+    pub const CALLBACK_DELAY_SECONDS: &str = "callfleet_callback_delivery_delay_seconds";
 }
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

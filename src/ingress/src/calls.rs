@@ -23,7 +23,7 @@ const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Retry-After when the broker or store is down.
 const RETRY_AFTER_S: u64 = 5;
 
-fn unavailable(what: &str, error: impl std::fmt::Display) -> ApiError {
+pub(crate) fn unavailable(what: &str, error: impl std::fmt::Display) -> ApiError {
     tracing::warn!(error = %error, "{what} unavailable");
     ApiError::Unavailable {
         retry_after_s: RETRY_AFTER_S,
@@ -197,7 +197,7 @@ impl IngressState {
 }
 
 /// The call id from the path; one that is not even text (`%ff`) names no call.
-fn call_id(id: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+pub(crate) fn call_id(id: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     id.map(|Path(id)| id)
         .map_err(|_| ApiError::NotFound("no such call: call ids look like call_0123…".into()))
 }

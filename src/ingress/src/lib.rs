@@ -3,7 +3,9 @@
 //! it never calls LiveKit.
 
 pub mod calls;
+pub mod control;
 pub mod error;
+pub mod events;
 pub mod routing;
 pub mod webhook;
 
@@ -45,6 +47,10 @@ pub struct IngressState {
     pub clock: Arc<dyn Clock>,
     /// The routing table (profiles), kept current in memory.
     pub routing: Arc<RoutingCache>,
+    /// The live event stream's tail of the event log.
+    pub events: Arc<events::EventHub>,
+    /// API keys that see phone numbers in full on the stream (others see them masked).
+    pub number_keys: Arc<Vec<SecretString>>,
 }
 
 /// The ingress app: routes, body limit (413 beyond it) and request metrics by route.
@@ -56,6 +62,9 @@ pub fn app(state: IngressState) -> Router {
         .route("/v1/calls/batch", post(calls::create_batch))
         .route("/v1/calls/{id}", get(calls::get_call))
         .route("/v1/calls/{id}/cancel", post(calls::cancel_call))
+        .route("/v1/calls/{id}/hangup", post(control::hangup))
+        .route("/v1/calls/{id}/transfer", post(control::transfer))
+        .route("/v1/events", get(events::stream))
         .route(
             "/v1/routing/profiles",
             post(routing::create).get(routing::list),
@@ -131,6 +140,23 @@ pub(crate) fn authorize(state: &IngressState, headers: &HeaderMap) -> Result<(),
     } else {
         Err(ApiError::Unauthorized("unknown API key"))
     }
+}
+
+/// Whether the request's (already authorized) key may see phone numbers in full.
+pub(crate) fn sees_numbers(state: &IngressState, headers: &HeaderMap) -> bool {
+    let Some(presented) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+    else {
+        return false;
+    };
+    let mut ok = subtle::Choice::from(0u8);
+    for key in state.number_keys.iter() {
+        ok |= key.expose_secret().as_bytes().ct_eq(presented.as_bytes());
+    }
+    bool::from(ok)
 }
 
 /// The raw body, with an oversized one answered 413 in the shared error shape.

@@ -229,7 +229,7 @@ pub struct ProfilePage {
 
 /// Query parameters, or a 422 naming the parameter (serde's "missing field `to`" becomes
 /// field `to`, "is required").
-fn query<T>(params: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+pub(crate) fn query<T>(params: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     params.map(|Query(p)| p).map_err(|e| {
         let text = e.body_text();
         let named = |marker: &str| {

@@ -14,7 +14,7 @@ use livekit_api::services::{ServerError, ServiceError};
 use livekit_protocol as proto;
 
 use crate::domain::sip_outcome::ApiFailure;
-use crate::ports::livekit::{DialRequest, LiveKit, LiveKitError};
+use crate::ports::livekit::{DialRequest, LiveKit, LiveKitError, TransferRequest};
 use crate::telemetry::metrics as m;
 
 pub struct LiveKitApi {
@@ -201,19 +201,21 @@ impl LiveKit for LiveKitApi {
         .await
     }
 
-    async fn transfer_sip_participant(
-        &self,
-        room: &str,
-        identity: &str,
-        transfer_to: &str,
-    ) -> Result<(), LiveKitError> {
+    async fn transfer_sip_participant(&self, request: TransferRequest) -> Result<(), LiveKitError> {
+        let options = TransferSIPParticipantOptions {
+            play_dialtone: Some(request.play_dialtone),
+            ringing_timeout: request.ringing_timeout,
+            headers: (!request.headers.is_empty()).then_some(request.headers),
+            // The crate raises the request timeout above the ringing time itself.
+            timeout: None,
+        };
         observe(
             "TransferSIPParticipant",
             self.sip.transfer_sip_participant(
-                room.to_owned(),
-                identity.to_owned(),
-                transfer_to.to_owned(),
-                TransferSIPParticipantOptions::default(),
+                request.room_name,
+                request.participant_identity,
+                request.to,
+                options,
             ),
         )
         .await

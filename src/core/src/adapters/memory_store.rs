@@ -1,7 +1,7 @@
 //! In-memory store with the same atomicity as the Redis adapter (one mutex around the
 //! state; expiry checked on access). Used by dev mode and unit tests.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,14 +10,26 @@ use bytes::Bytes;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use crate::ports::events::{EventId, EventLog, LoggedEvent};
 use crate::ports::store::{
     index_cursor, parse_index_cursor, CasOutcome, IndexPage, LockToken, RateDecision, Store,
     StoreError, Versioned,
 };
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemoryStore {
     state: Arc<Mutex<State>>,
+    /// Bumped after every append to the event log (wakes blocked readers).
+    appended: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            state: Arc::default(),
+            appended: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -31,11 +43,139 @@ struct State {
     leases: HashMap<String, HashMap<String, Instant>>,
     /// Watched id → due (epoch ms).
     watches: HashMap<String, i64>,
+    /// The event log, oldest first, and its readers' cursors.
+    events: VecDeque<LoggedEvent>,
+    event_retention: usize,
+    cursors: HashMap<String, EventId>,
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Keeps the newest `events` events in the log.
+    pub fn with_event_retention(self, events: usize) -> Self {
+        if let Ok(mut s) = self.state.try_lock() {
+            s.event_retention = events.max(1);
+        }
+        self
+    }
+
+    /// The event log of this store.
+    pub fn events(&self) -> MemoryEventLog {
+        MemoryEventLog {
+            store: self.clone(),
+        }
+    }
+
+    fn announce(&self, appended: usize) {
+        if appended > 0 {
+            self.appended.send_modify(|n| *n += appended as u64);
+        }
+    }
+}
+
+impl State {
+    /// Appends `events` with ids after the newest one (ms of the wall clock, then a
+    /// sequence within the millisecond, as Redis streams number entries).
+    fn append(&mut self, events: &[Bytes]) {
+        let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        for data in events {
+            let id = match self.events.back() {
+                Some(last) if last.id.ms >= now => EventId {
+                    ms: last.id.ms,
+                    seq: last.id.seq + 1,
+                },
+                _ => EventId { ms: now, seq: 0 },
+            };
+            self.events.push_back(LoggedEvent {
+                id,
+                data: data.clone(),
+            });
+        }
+        let keep = if self.event_retention == 0 {
+            super::DEFAULT_EVENT_RETENTION
+        } else {
+            self.event_retention
+        };
+        while self.events.len() > keep {
+            self.events.pop_front();
+        }
+    }
+
+    fn events_after(&self, after: Option<EventId>, limit: usize) -> Vec<LoggedEvent> {
+        let start = after.map_or(0, |a| self.events.partition_point(|e| e.id <= a));
+        self.events
+            .range(start..)
+            .take(limit.max(1))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The memory store's event log (shares the store's state, as the Redis stream shares
+/// the server with the records).
+#[derive(Clone)]
+pub struct MemoryEventLog {
+    store: MemoryStore,
+}
+
+#[async_trait]
+impl EventLog for MemoryEventLog {
+    async fn read(
+        &self,
+        after: Option<EventId>,
+        limit: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<LoggedEvent>, StoreError> {
+        // Subscribed before looking, so an append in between still wakes us.
+        let mut appended = self.store.appended.subscribe();
+        let (found, newest) = {
+            let s = self.store.state.lock().await;
+            (s.events_after(after, limit), s.events.back().map(|e| e.id))
+        };
+        let Some(block) = block.filter(|_| found.is_empty()) else {
+            return Ok(found);
+        };
+        // As XREAD with `$`: without a position, only what arrives from now on.
+        let from = after.or(newest);
+        let deadline = Instant::now() + block;
+        loop {
+            if tokio::time::timeout_at(deadline, appended.changed())
+                .await
+                .is_err()
+            {
+                return Ok(Vec::new());
+            }
+            let s = self.store.state.lock().await;
+            let found = s.events_after(from, limit);
+            if !found.is_empty() {
+                return Ok(found);
+            }
+        }
+    }
+
+    async fn bounds(&self) -> Result<Option<(EventId, EventId)>, StoreError> {
+        let s = self.store.state.lock().await;
+        Ok(s.events
+            .front()
+            .zip(s.events.back())
+            .map(|(f, l)| (f.id, l.id)))
+    }
+
+    async fn cursor(&self, name: &str) -> Result<Option<EventId>, StoreError> {
+        Ok(self.store.state.lock().await.cursors.get(name).copied())
+    }
+
+    async fn set_cursor(&self, name: &str, at: EventId) -> Result<(), StoreError> {
+        self.store
+            .state
+            .lock()
+            .await
+            .cursors
+            .insert(name.to_owned(), at);
+        Ok(())
     }
 }
 
@@ -67,11 +207,13 @@ impl Store for MemoryStore {
         data: Bytes,
         index_score: Option<i64>,
         watch_ms: Option<i64>,
+        events: &[Bytes],
     ) -> Result<bool, StoreError> {
         let mut s = self.state.lock().await;
         if s.records.contains_key(id) {
             return Ok(false);
         }
+        s.append(events);
         s.records
             .insert(id.to_owned(), Versioned { version: 1, data });
         if let Some(score) = index_score {
@@ -80,6 +222,8 @@ impl Store for MemoryStore {
         if let Some(due) = watch_ms {
             s.watches.insert(id.to_owned(), due);
         }
+        drop(s);
+        self.announce(events.len());
         Ok(true)
     }
 
@@ -92,16 +236,21 @@ impl Store for MemoryStore {
         id: &str,
         expected_version: u64,
         data: Bytes,
+        events: &[Bytes],
     ) -> Result<CasOutcome, StoreError> {
         let mut s = self.state.lock().await;
-        match s.records.get_mut(id) {
+        let version = match s.records.get_mut(id) {
             Some(rec) if rec.version == expected_version => {
                 rec.version += 1;
                 rec.data = data;
-                Ok(CasOutcome::Updated(rec.version))
+                rec.version
             }
-            _ => Ok(CasOutcome::Conflict),
-        }
+            _ => return Ok(CasOutcome::Conflict),
+        };
+        s.append(events);
+        drop(s);
+        self.announce(events.len());
+        Ok(CasOutcome::Updated(version))
     }
 
     async fn list_index(

@@ -5,25 +5,36 @@ pub mod livekit_sip;
 pub mod memory_broker;
 pub mod memory_routing;
 pub mod memory_store;
+pub mod memory_subscriptions;
 pub mod rabbitmq;
+pub mod redis_events;
 pub mod redis_routing;
 pub mod redis_store;
+pub mod redis_subscriptions;
 
 use std::sync::Arc;
 
 use secrecy::ExposeSecret;
 
 use crate::config::{BackendConfig, BrokerKind, StoreKind};
-use crate::ports::{Broker, BrokerError, RoutingStore, Store, StoreError};
+use crate::ports::{
+    Broker, BrokerError, EventLog, RoutingStore, Store, StoreError, SubscriptionStore,
+};
 
 pub use livekit::LiveKitApi;
 pub use livekit_sip::LiveKitSip;
 pub use memory_broker::MemoryBroker;
 pub use memory_routing::MemoryRouting;
-pub use memory_store::MemoryStore;
+pub use memory_store::{MemoryEventLog, MemoryStore};
+pub use memory_subscriptions::MemorySubscriptions;
 pub use rabbitmq::{RabbitBroker, RabbitConfig};
+pub use redis_events::RedisEventLog;
 pub use redis_routing::RedisRouting;
 pub use redis_store::RedisStore;
+pub use redis_subscriptions::RedisSubscriptions;
+
+/// Events the log keeps by default: the live stream's resumable history.
+pub const DEFAULT_EVENT_RETENTION: usize = 100_000;
 
 /// The broker and store a process runs on.
 #[derive(Clone)]
@@ -32,6 +43,11 @@ pub struct Backends {
     pub store: Arc<dyn Store>,
     /// Routing profiles and their slots (beside the store, on the same server).
     pub routing: Arc<dyn RoutingStore>,
+    /// The call events the store appends with every change (stream and callbacks).
+    pub events: Arc<dyn EventLog>,
+    /// Callback subscriptions and their delivery logs (beside the store, on the same
+    /// server).
+    pub subscriptions: Arc<dyn SubscriptionStore>,
     /// Deliveries of one message before it is parked (the broker's limit).
     pub delivery_limit: u32,
 }
@@ -64,6 +80,14 @@ pub fn endpoint(url: &str) -> String {
         .to_owned()
 }
 
+/// The adapters beside the store: records, routing, events, subscriptions.
+type Stores = (
+    Arc<dyn Store>,
+    Arc<dyn RoutingStore>,
+    Arc<dyn EventLog>,
+    Arc<dyn SubscriptionStore>,
+);
+
 impl Backends {
     /// Connects the chosen adapters (failing fast when a service is unreachable).
     pub async fn connect(
@@ -87,8 +111,17 @@ impl Backends {
                 })?,
             ),
         };
-        let (store, routing): (Arc<dyn Store>, Arc<dyn RoutingStore>) = match store {
-            StoreKind::Memory => (Arc::new(MemoryStore::new()), Arc::new(MemoryRouting::new())),
+        let (store, routing, events, subscriptions): Stores = match store {
+            StoreKind::Memory => {
+                let memory = MemoryStore::new();
+                let events = memory.events();
+                (
+                    Arc::new(memory),
+                    Arc::new(MemoryRouting::new()),
+                    Arc::new(events),
+                    Arc::new(MemorySubscriptions::new()),
+                )
+            }
             StoreKind::Redis => {
                 let redis = RedisStore::connect(
                     config.redis_url.expose_secret(),
@@ -101,13 +134,22 @@ impl Backends {
                     source,
                 })?;
                 let routing = redis.routing();
-                (Arc::new(redis), Arc::new(routing))
+                let events = redis.events();
+                let subscriptions = redis.subscriptions();
+                (
+                    Arc::new(redis),
+                    Arc::new(routing),
+                    Arc::new(events),
+                    Arc::new(subscriptions),
+                )
             }
         };
         Ok(Self {
             broker,
             store,
             routing,
+            events,
+            subscriptions,
             delivery_limit: config.delivery_limit,
         })
     }

@@ -17,8 +17,12 @@ use crate::ports::store::{
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// For the event log's blocking reads, which need connections of their own.
+    client: redis::Client,
     prefix: String,
     scripts: std::sync::Arc<Scripts>,
+    /// Events the log keeps (approximately: trimmed with `MAXLEN ~`).
+    event_retention: usize,
 }
 
 struct Scripts {
@@ -34,21 +38,28 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Self {
-            // KEYS: record, index, watch list. ARGV: data, score ('' = not indexed), id,
-            // watch due ('' = not watched).
+            // KEYS: record, index, watch list, event log. ARGV: data, score ('' = not
+            // indexed), id, watch due ('' = not watched), log length kept, events….
             create: Script::new(
                 r"if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
                   redis.call('HSET', KEYS[1], 'v', 1, 'd', ARGV[1])
                   if ARGV[2] ~= '' then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3]) end
                   if ARGV[4] ~= '' then redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3]) end
+                  for i = 6, #ARGV do
+                    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[i])
+                  end
                   return 1",
             ),
-            // KEYS: record. ARGV: expected version, data. Returns new version or 0.
+            // KEYS: record, event log. ARGV: expected version, data, log length kept,
+            // events…. Returns the new version, or 0 on a conflict.
             cas: Script::new(
                 r"local v = redis.call('HGET', KEYS[1], 'v')
                   if not v or tonumber(v) ~= tonumber(ARGV[1]) then return 0 end
                   local nv = tonumber(v) + 1
                   redis.call('HSET', KEYS[1], 'v', nv, 'd', ARGV[2])
+                  for i = 4, #ARGV do
+                    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[i])
+                  end
                   return nv",
             ),
             extend: Script::new(
@@ -117,21 +128,50 @@ impl RedisStore {
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(2);
-        let conn =
-            tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
-                .await
-                .map_err(|_| StoreError::Unavailable(format!("no answer within {timeout:?}")))?
-                .map_err(err)?;
+        let conn = tokio::time::timeout(
+            timeout,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("no answer within {timeout:?}")))?
+        .map_err(err)?;
         Ok(Self {
             conn,
+            client,
             prefix: prefix.to_owned(),
             scripts: std::sync::Arc::new(Scripts::new()),
+            event_retention: super::DEFAULT_EVENT_RETENTION,
         })
+    }
+
+    /// Keeps about `events` events in the log (the live stream's resumable history).
+    pub fn with_event_retention(mut self, events: usize) -> Self {
+        self.event_retention = events.max(1);
+        self
+    }
+
+    /// The event log on this store's key prefix.
+    pub fn events(&self) -> super::RedisEventLog {
+        super::RedisEventLog::new(
+            self.conn.clone(),
+            self.client.clone(),
+            &self.events_key(),
+            &self.prefix,
+        )
+    }
+
+    fn events_key(&self) -> String {
+        format!("{}:events", self.prefix)
     }
 
     /// The routing adapter on this store's connection and key prefix.
     pub fn routing(&self) -> super::RedisRouting {
         super::RedisRouting::new(self.conn.clone(), &self.prefix)
+    }
+
+    /// The subscriptions adapter on this store's connection and key prefix.
+    pub fn subscriptions(&self) -> super::RedisSubscriptions {
+        super::RedisSubscriptions::new(self.conn.clone(), &self.prefix)
     }
 
     fn key(&self, kind: &str, name: &str) -> String {
@@ -155,21 +195,24 @@ impl Store for RedisStore {
         data: Bytes,
         index_score: Option<i64>,
         watch_ms: Option<i64>,
+        events: &[Bytes],
     ) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        let created: i64 = self
-            .scripts
-            .create
+        let mut invocation = self.scripts.create.prepare_invoke();
+        invocation
             .key(self.key("rec", id))
             .key(self.index_key())
             .key(self.watch_key())
+            .key(self.events_key())
             .arg(data.as_ref())
             .arg(index_score.map(|s| s.to_string()).unwrap_or_default())
             .arg(id)
             .arg(watch_ms.map(|s| s.to_string()).unwrap_or_default())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(err)?;
+            .arg(self.event_retention);
+        for event in events {
+            invocation.arg(event.as_ref());
+        }
+        let created: i64 = invocation.invoke_async(&mut conn).await.map_err(err)?;
         Ok(created == 1)
     }
 
@@ -196,17 +239,20 @@ impl Store for RedisStore {
         id: &str,
         expected_version: u64,
         data: Bytes,
+        events: &[Bytes],
     ) -> Result<CasOutcome, StoreError> {
         let mut conn = self.conn.clone();
-        let version: u64 = self
-            .scripts
-            .cas
+        let mut invocation = self.scripts.cas.prepare_invoke();
+        invocation
             .key(self.key("rec", id))
+            .key(self.events_key())
             .arg(expected_version)
             .arg(data.as_ref())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(err)?;
+            .arg(self.event_retention);
+        for event in events {
+            invocation.arg(event.as_ref());
+        }
+        let version: u64 = invocation.invoke_async(&mut conn).await.map_err(err)?;
         Ok(if version == 0 {
             CasOutcome::Conflict
         } else {

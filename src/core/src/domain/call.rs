@@ -262,6 +262,13 @@ pub struct Call {
     /// Inbound calls: which profile took the call, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing: Option<RoutingRecord>,
+    /// Where this call's events are posted (signed with the fleet's default secret), as
+    /// well as to the subscriptions that want them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+    /// Hang-up and transfer commands, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commands: Vec<super::control::Command>,
 }
 
 /// Generates a call id: time-ordered (UUIDv7) so ids sort by creation.
@@ -815,6 +822,8 @@ mod tests {
             timeline: vec![],
             inbound: None,
             routing: None,
+            callback_url: None,
+            commands: Vec::new(),
         }
     }
 

@@ -211,6 +211,8 @@ impl Call {
             timeline: Vec::new(),
             inbound: Some(leg),
             routing: None,
+            callback_url: None,
+            commands: Vec::new(),
         };
         call.note(at, "sip_participant_joined", None);
         call

@@ -290,6 +290,8 @@ impl CallRequest {
             timeline: vec![],
             inbound: None,
             routing: None,
+            callback_url: None,
+            commands: Vec::new(),
         };
         call.note(now, "accepted", None);
         if let Some(due) = call.deferred_until(now) {

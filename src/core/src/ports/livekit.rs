@@ -50,6 +50,20 @@ pub struct DialRequest {
     pub wait_until_answered: bool,
 }
 
+/// What TransferSIPParticipant needs: a cold transfer (SIP REFER) of the caller to `to`.
+#[derive(Debug, Clone, Default)]
+pub struct TransferRequest {
+    pub room_name: String,
+    pub participant_identity: String,
+    /// `tel:+E164`, `sip:…` or `sips:…`.
+    pub to: String,
+    pub play_dialtone: bool,
+    /// How long the target may ring (LiveKit's default 30 s when `None`).
+    pub ringing_timeout: Option<Duration>,
+    /// SIP headers added to the REFER.
+    pub headers: HashMap<String, String>,
+}
+
 #[async_trait]
 pub trait LiveKit: Send + Sync + 'static {
     /// Upsert: creating an existing room returns it unchanged.
@@ -85,10 +99,7 @@ pub trait LiveKit: Send + Sync + 'static {
         &self,
         request: DialRequest,
     ) -> Result<proto::SipParticipantInfo, LiveKitError>;
-    async fn transfer_sip_participant(
-        &self,
-        room: &str,
-        identity: &str,
-        transfer_to: &str,
-    ) -> Result<(), LiveKitError>;
+    /// Blocks until the target answered (Ok) or the transfer failed (a Twirp error with
+    /// the SIP status: 603 declined, 486 busy, 408 ringing timeout…). Not idempotent.
+    async fn transfer_sip_participant(&self, request: TransferRequest) -> Result<(), LiveKitError>;
 }

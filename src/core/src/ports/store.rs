@@ -74,22 +74,26 @@ pub trait Store: Send + Sync + 'static {
     // --- records (call records) -------------------------------------------------------
     /// Creates `id` with version 1 if absent; returns whether it was created. With
     /// `index_score`, also adds `id` to the creation index (newest first listing); with
-    /// `watch_ms`, also puts it on the watch list due then (see [`Store::watch`]), in the
-    /// same atomic step.
+    /// `watch_ms`, also puts it on the watch list due then (see [`Store::watch`]); and
+    /// appends `events` to the event log ([`crate::ports::EventLog`]), all in the same
+    /// atomic step.
     async fn create_record(
         &self,
         id: &str,
         data: Bytes,
         index_score: Option<i64>,
         watch_ms: Option<i64>,
+        events: &[Bytes],
     ) -> Result<bool, StoreError>;
     async fn get_record(&self, id: &str) -> Result<Option<Versioned>, StoreError>;
-    /// Writes `data` only if the record is still at `expected_version`.
+    /// Writes `data` only if the record is still at `expected_version`, appending `events`
+    /// to the event log in the same atomic step (nothing is appended on a conflict).
     async fn update_record(
         &self,
         id: &str,
         expected_version: u64,
         data: Bytes,
+        events: &[Bytes],
     ) -> Result<CasOutcome, StoreError>;
     /// Ids from the creation index, newest first, `limit` at most, after `cursor`.
     async fn list_index(&self, cursor: Option<&str>, limit: usize)
