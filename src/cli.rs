@@ -9,12 +9,13 @@ use callfleet::fleet::{self, IngressSettings, WorkerSettings};
 use callfleet_core::adapters::{Backends, LiveKitApi, LiveKitSip, RabbitBroker, RabbitConfig};
 use callfleet_core::calls::SystemClock;
 use callfleet_core::config::{
-    parse_key_pairs, BackendConfig, BrokerKind, IngressConfig, LiveKitConfig, LogConfig,
-    RoutingConfig, StoreKind, WorkerConfig,
+    parse_key_pairs, BackendConfig, BrokerKind, CallbackConfig, IngressConfig, LiveKitConfig,
+    LogConfig, RoutingConfig, StoreKind, WorkerConfig,
 };
 use callfleet_core::domain::phone::parse_region;
 use callfleet_core::domain::request::CallDefaults;
 use callfleet_core::domain::routing::{Profile, ProfileInput};
+use callfleet_core::domain::subscription::SigningSecret;
 use callfleet_core::lifecycle::{cancel_on_signal, health_router};
 use callfleet_core::ports::{Broker, WorkQueue};
 use callfleet_core::routing::RoutingCache;
@@ -52,6 +53,8 @@ enum Command {
         worker: WorkerConfig,
         #[command(flatten)]
         routing: RoutingConfig,
+        #[command(flatten)]
+        callbacks: CallbackConfig,
         /// Address of the embedded LiveKit emulator.
         #[arg(
             long,
@@ -71,6 +74,8 @@ enum Command {
         ingress: IngressConfig,
         #[command(flatten)]
         routing: RoutingConfig,
+        #[command(flatten)]
+        callbacks: CallbackConfig,
     },
     /// A worker process (RabbitMQ + Redis by default).
     Worker {
@@ -82,6 +87,8 @@ enum Command {
         worker: WorkerConfig,
         #[command(flatten)]
         routing: RoutingConfig,
+        #[command(flatten)]
+        callbacks: CallbackConfig,
     },
     /// The LiveKit API emulator on its own.
     Emulator {
@@ -255,9 +262,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             livekit,
             ingress,
             routing,
+            callbacks,
         } => {
             livekit.validate()?;
             ingress.validate(true)?;
+            callbacks.validate()?;
             let backends = connect(
                 &backend,
                 backend.broker_or(BrokerKind::Rabbitmq),
@@ -266,7 +275,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             .await?;
             cancel_on_signal(stop.clone());
             let table = routing_table(&backends, &routing, stop.clone()).await?;
-            let server = start_ingress(&backends, table, &ingress, &livekit, stop.clone()).await?;
+            let server = start_ingress(
+                &backends,
+                table,
+                &ingress,
+                &livekit,
+                &callbacks,
+                stop.clone(),
+            )
+            .await?;
             tracing::info!(addr = %ingress.http_addr, "ingress listening");
             let _ = server.await;
             Ok(())
@@ -276,9 +293,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             livekit,
             worker,
             routing,
+            callbacks,
         } => {
             livekit.validate()?;
             worker.validate()?;
+            callbacks.validate()?;
             let url = livekit.livekit_url.clone().context(
                 "LIVEKIT_URL: required for a worker (dev mode starts an emulator instead)",
             )?;
@@ -298,9 +317,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             )
             .await?;
             tracing::info!(addr = %worker.worker_http_addr, "worker health and metrics listening");
-            let settings = WorkerSettings::from_config(&worker, api.timeout());
+            let settings =
+                WorkerSettings::from_config(&worker, api.timeout()).with_callbacks(&callbacks)?;
             let table = routing_table(&backends, &routing, stop.clone()).await?;
-            fleet::worker(&backends, table, api, Arc::new(SystemClock), &settings)
+            fleet::worker(&backends, table, api, Arc::new(SystemClock), &settings)?
                 .run(stop.clone(), worker.shutdown_deadline())
                 .await?;
             let _ = health.await;
@@ -313,10 +333,21 @@ pub async fn run(cli: Cli) -> Result<()> {
             mut ingress,
             worker,
             mut routing,
+            mut callbacks,
             emulator_addr,
         } => {
             livekit.validate()?;
             worker.validate()?;
+            // A local receiver works out of the box, and calls' callback URLs are signed.
+            callbacks.callbacks_allow_private = true;
+            let generated_secret = if callbacks.secrets().is_empty() {
+                let secret = SigningSecret::generate();
+                callbacks.callback_secrets = secret.as_str().to_owned().into();
+                Some(secret.as_str().to_owned())
+            } else {
+                None
+            };
+            callbacks.validate()?;
             let generated_key = if ingress.api_keys().is_empty() {
                 let key = format!("dev_{}", uuid_simple());
                 ingress.api_keys = key.clone().into();
@@ -373,12 +404,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Arc::clone(&table),
                 &ingress,
                 &livekit,
+                &callbacks,
                 stop.clone(),
             )
             .await?;
-            let settings = WorkerSettings::from_config(&worker, api.timeout());
+            let settings =
+                WorkerSettings::from_config(&worker, api.timeout()).with_callbacks(&callbacks)?;
             let fleet_worker =
-                fleet::worker(&backends, table, api, Arc::new(SystemClock), &settings);
+                fleet::worker(&backends, table, api, Arc::new(SystemClock), &settings)?;
             let worker_stop = stop.clone();
             let deadline = worker.shutdown_deadline();
             let workers =
@@ -416,6 +449,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 None => println!(
                     "  API key        from CALLFLEET_API_KEYS (the examples read it from $KEY: KEY=<one of them>)"
                 ),
+            }
+            match &generated_secret {
+                Some(secret) => println!(
+                    "  signing secret {secret}  (signs calls' callback_url; set CALLFLEET_CALLBACK_SECRETS to choose your own)"
+                ),
+                None => println!("  signing secret from CALLFLEET_CALLBACK_SECRETS"),
             }
             println!();
             println!("Try it:");
@@ -544,8 +583,10 @@ async fn start_ingress(
     routing: Arc<RoutingCache>,
     ingress: &IngressConfig,
     livekit: &LiveKitConfig,
+    callbacks: &CallbackConfig,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
+    fleet::configured_subscriptions(backends, callbacks).await?;
     let state = fleet::ingress(
         backends,
         routing,
@@ -563,6 +604,7 @@ async fn start_ingress(
                 buffer: ingress.stream_buffer,
                 heartbeat: Duration::from_secs(ingress.stream_heartbeat_s),
             },
+            callbacks: fleet::CallbackPolicy::from_config(callbacks),
         },
         stop.clone(),
     );

@@ -9,14 +9,16 @@ use callfleet_core::adapters::Backends;
 use callfleet_core::calls::{CallBook, Clock};
 use callfleet_core::config::WorkerConfig;
 use callfleet_core::domain::request::CallDefaults;
+use callfleet_core::domain::subscription::SigningSecret;
 use callfleet_core::lifecycle::Readiness;
 use callfleet_core::ports::LiveKit;
 use callfleet_core::routing::RoutingCache;
 use callfleet_ingress::events::EventHub;
 use callfleet_ingress::IngressState;
 use callfleet_workers::{
-    CallDeps, ControlHandler, Inbound, InboundSettings, OutboundCallHandler, OutboundSettings,
-    SweepSettings, Sweeper, WebhookEventHandler, WorkerRuntime,
+    CallDeps, CallbackHandler, CallbackSettings, ControlHandler, Dispatcher, Inbound,
+    InboundSettings, OutboundCallHandler, OutboundSettings, SweepSettings, Sweeper,
+    WebhookEventHandler, WorkerRuntime,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -59,7 +61,64 @@ pub struct IngressSettings {
     /// API keys that see phone numbers in full on the live stream.
     pub number_keys: Vec<SecretString>,
     pub stream: StreamSettings,
+    pub callbacks: CallbackPolicy,
 }
+
+pub use callfleet_ingress::CallbackPolicy;
+
+/// Creates or replaces the subscriptions configuration lists (`CALLFLEET_SUBSCRIPTIONS`).
+pub async fn configured_subscriptions(
+    backends: &Backends,
+    config: &callfleet_core::config::CallbackConfig,
+) -> Result<usize, SubscriptionsConfigError> {
+    let Some(json) = config
+        .subscriptions
+        .as_deref()
+        .filter(|j| !j.trim().is_empty())
+    else {
+        return Ok(0);
+    };
+    let inputs: Vec<serde_json::Value> = serde_json::from_str(json)
+        .map_err(|e| SubscriptionsConfigError(format!("not a JSON array: {e}")))?;
+    let now = chrono::Utc::now();
+    let mut count = 0;
+    for (i, mut value) in inputs.into_iter().enumerate() {
+        let id = value
+            .as_object_mut()
+            .and_then(|o| o.remove("id"))
+            .and_then(|id| id.as_str().map(str::to_owned))
+            .ok_or_else(|| SubscriptionsConfigError(format!("[{i}].id: is required")))?;
+        let input: callfleet_core::domain::subscription::SubscriptionInput =
+            serde_json::from_value(value)
+                .map_err(|e| SubscriptionsConfigError(format!("[{i}]: {e}")))?;
+        let existing = backends
+            .subscriptions
+            .get(&id)
+            .await
+            .map_err(|e| SubscriptionsConfigError(e.to_string()))?;
+        let sub = input
+            .validate(Some(&id), existing.as_ref(), now)
+            .map_err(|errors| {
+                let text: Vec<String> = errors.iter().map(|e| format!("[{i}].{e}")).collect();
+                SubscriptionsConfigError(text.join("; "))
+            })?;
+        callfleet_core::callback::check_callback_url(&sub.url, config.callbacks_allow_private)
+            .await
+            .map_err(|e| SubscriptionsConfigError(format!("[{i}].url: {e}")))?;
+        backends
+            .subscriptions
+            .put(&sub)
+            .await
+            .map_err(|e| SubscriptionsConfigError(e.to_string()))?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// A subscription in `CALLFLEET_SUBSCRIPTIONS` that is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("CALLFLEET_SUBSCRIPTIONS: {0}")]
+pub struct SubscriptionsConfigError(String);
 
 /// The live stream's bounds.
 #[derive(Debug, Clone, Copy)]
@@ -105,6 +164,8 @@ pub fn ingress(
             stop,
         ),
         number_keys: Arc::new(settings.number_keys),
+        subscriptions: Arc::clone(&backends.subscriptions),
+        callbacks: settings.callbacks,
     }
 }
 
@@ -118,6 +179,7 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     /// Broker-delayed retries of a job before it is dead-lettered.
     pub max_job_attempts: u32,
+    pub callbacks: CallbackSettings,
 }
 
 impl WorkerSettings {
@@ -148,26 +210,58 @@ impl WorkerSettings {
             prefetch: worker.prefetch,
             concurrency: worker.concurrency,
             max_job_attempts: worker.max_job_attempts,
+            callbacks: CallbackSettings::default(),
         }
+    }
+
+    /// With callbacks delivered as `config` says.
+    pub fn with_callbacks(
+        mut self,
+        config: &callfleet_core::config::CallbackConfig,
+    ) -> Result<Self, callfleet_core::config::ConfigError> {
+        config.validate()?;
+        self.callbacks = CallbackSettings {
+            schedule: config.schedule()?,
+            timeout: Duration::from_secs(config.callback_timeout_s),
+            allow_private: config.callbacks_allow_private,
+            default_secrets: config
+                .secrets()
+                .iter()
+                .filter_map(|s| SigningSecret::parse(s).ok())
+                .collect(),
+            concurrency: config.callback_concurrency,
+            per_receiver: config.callback_per_receiver,
+        };
+        Ok(self)
     }
 }
 
-/// A worker: the runtime serving the job handlers, and the sweeper beside it.
+/// A worker: the runtime serving the job handlers, the sweeper beside it, and the
+/// callbacks (their own runtime, so receivers never take the call jobs' slots, and the
+/// dispatcher that queues them while this worker leads).
 pub struct Worker {
     pub runtime: WorkerRuntime,
     pub sweeper: Sweeper,
+    pub callbacks: WorkerRuntime,
+    pub dispatcher: Dispatcher,
 }
 
 impl Worker {
-    /// Runs both until `stop`, then drains in-flight jobs for at most `deadline`.
+    /// Runs everything until `stop`, then drains in-flight jobs for at most `deadline`.
     pub async fn run(
         self,
         stop: CancellationToken,
         deadline: Duration,
     ) -> Result<(), callfleet_core::ports::BrokerError> {
         let sweeping = tokio::spawn(self.sweeper.run(stop.clone()));
+        let dispatching = tokio::spawn(self.dispatcher.run(stop.clone()));
+        let delivering = tokio::spawn(self.callbacks.run(stop.clone(), deadline));
         let result = self.runtime.run(stop, deadline).await;
         let _ = sweeping.await;
+        let _ = dispatching.await;
+        if let Ok(Err(e)) = delivering.await {
+            return Err(e);
+        }
         result
     }
 }
@@ -179,7 +273,7 @@ pub fn worker(
     livekit: Arc<dyn LiveKit>,
     clock: Arc<dyn Clock>,
     settings: &WorkerSettings,
-) -> Worker {
+) -> Result<Worker, reqwest::Error> {
     let deps = CallDeps {
         calls: CallBook::new(Arc::clone(&backends.store)),
         broker: Arc::clone(&backends.broker),
@@ -206,10 +300,33 @@ pub fn worker(
         WebhookEventHandler::new(deps.clone()).with_inbound(inbound),
     ))
     .with_handler(Arc::new(ControlHandler::new(deps.clone())));
-    Worker {
+    let delivery = CallbackHandler::new(
+        Arc::clone(&backends.store),
+        Arc::clone(&backends.subscriptions),
+        Arc::clone(&backends.broker),
+        Arc::clone(&deps.clock),
+        settings.callbacks.clone(),
+    )?;
+    let callbacks = WorkerRuntime::new(
+        Arc::clone(&backends.broker),
+        settings.callbacks.concurrency.min(u16::MAX as usize) as u16,
+        settings.callbacks.concurrency,
+        settings.max_job_attempts,
+    )
+    .with_delivery_limit(backends.delivery_limit)
+    .with_handler(Arc::new(delivery));
+    let dispatcher = Dispatcher {
+        events: Arc::clone(&backends.events),
+        store: Arc::clone(&backends.store),
+        subscriptions: Arc::clone(&backends.subscriptions),
+        broker: Arc::clone(&backends.broker),
+    };
+    Ok(Worker {
         runtime,
         sweeper: Sweeper::new(deps, settings.sweep.clone()),
-    }
+        callbacks,
+        dispatcher,
+    })
 }
 
 /// How long a client may take to send a request's headers, which is also how long a

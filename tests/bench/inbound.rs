@@ -83,6 +83,7 @@ fn ingress_settings() -> IngressSettings {
         },
         number_keys: vec![KEY.into()],
         stream: Default::default(),
+        callbacks: Default::default(),
     }
 }
 
@@ -305,6 +306,7 @@ async fn webhook_to_dispatch(rate: f64, seconds: u64) -> Result<(), Error> {
             prefetch: 128,
             concurrency: 128,
             max_job_attempts: 5,
+            callbacks: Default::default(),
         };
         let routing = fleet::routing(&backends, None, stop.clone()).await?;
         let worker = fleet::worker(
@@ -313,7 +315,7 @@ async fn webhook_to_dispatch(rate: f64, seconds: u64) -> Result<(), Error> {
             livekit.clone(),
             Arc::new(SystemClock),
             &settings,
-        );
+        )?;
         let s = stop.clone();
         workers.push(tokio::spawn(async move {
             let _ = worker.run(s, Duration::from_secs(2)).await;

@@ -12,10 +12,11 @@ use callfleet_core::adapters::{MemorySubscriptions, RedisStore};
 use callfleet_core::calls::ShiftedClock;
 use callfleet_core::domain::phone::parse_region;
 use callfleet_core::domain::request::CallDefaults;
+use callfleet_core::domain::subscription::SigningSecret;
 use callfleet_core::ports::SubscriptionStore;
 use callfleet_core::ports::{Broker, EventLog, RoutingStore, Store};
 use callfleet_core::routing::RoutingCache;
-use callfleet_workers::{InboundSettings, OutboundSettings, SweepSettings};
+use callfleet_workers::{CallbackSettings, InboundSettings, OutboundSettings, SweepSettings};
 use livekit_emulator::{ApiRecord, Emulator, EmulatorConfig, RunningEmulator};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +57,22 @@ pub struct FleetOptions {
     pub livekit_timeout: Duration,
     /// The profile inbound calls fall back to last.
     pub default_profile: Option<String>,
+    /// How workers deliver callbacks (and what the ingress checks callback URLs against).
+    pub callbacks: CallbackSettings,
+}
+
+/// The fleet's signing secret in tests (for calls' own callback URLs).
+pub const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Callbacks as tests want them: a local receiver allowed, retries within seconds.
+pub fn test_callbacks() -> CallbackSettings {
+    CallbackSettings {
+        schedule: vec![Duration::from_millis(300); 3],
+        timeout: Duration::from_secs(2),
+        allow_private: true,
+        default_secrets: SigningSecret::parse(SIGNING_SECRET).into_iter().collect(),
+        ..CallbackSettings::default()
+    }
 }
 
 impl Default for FleetOptions {
@@ -84,6 +101,7 @@ impl Default for FleetOptions {
             inbound: InboundSettings::default(),
             livekit_timeout: Duration::from_secs(10),
             default_profile: None,
+            callbacks: test_callbacks(),
         }
     }
 }
@@ -103,6 +121,7 @@ pub struct TestFleet {
     sweep: SweepSettings,
     inbound: InboundSettings,
     default_profile: Option<String>,
+    callbacks: CallbackSettings,
     /// The ingress's routing table (each worker holds its own, as processes would).
     pub routing: Arc<RoutingCache>,
     /// Each worker's routing table, in start order.
@@ -113,7 +132,7 @@ pub struct TestFleet {
     _clean: Option<CleanOnDrop>,
 }
 
-fn ingress_settings() -> IngressSettings {
+fn ingress_settings(callbacks: &CallbackSettings) -> IngressSettings {
     IngressSettings {
         max_body_bytes: 64 * 1024,
         api_keys: vec![API_KEY.into(), VIEWER_KEY.into()],
@@ -127,6 +146,10 @@ fn ingress_settings() -> IngressSettings {
         stream: fleet::StreamSettings {
             buffer: 4_096,
             heartbeat: Duration::from_secs(1),
+        },
+        callbacks: fleet::CallbackPolicy {
+            allow_private: callbacks.allow_private,
+            signs_calls: !callbacks.default_secrets.is_empty(),
         },
     }
 }
@@ -223,7 +246,7 @@ impl TestFleet {
             &backends,
             Arc::clone(&routing),
             clock.clone(),
-            ingress_settings(),
+            ingress_settings(&options.callbacks),
             stop.clone(),
         );
         let tasks = vec![tokio::spawn(fleet::serve(
@@ -253,6 +276,7 @@ impl TestFleet {
             sweep: options.sweep,
             inbound: options.inbound,
             default_profile: options.default_profile,
+            callbacks: options.callbacks.clone(),
             routing,
             worker_routing: Vec::new(),
             stop,
@@ -275,6 +299,7 @@ impl TestFleet {
             prefetch: 64,
             concurrency: 64,
             max_job_attempts: self.max_job_attempts,
+            callbacks: self.callbacks.clone(),
         };
         // Its own token, so a test can stop this worker alone (as a crash would).
         let stop = self.stop.child_token();
@@ -288,7 +313,8 @@ impl TestFleet {
             self.livekit.clone(),
             self.clock.clone(),
             &settings,
-        );
+        )
+        .expect("worker builds");
         let worker_stop = stop.clone();
         self.tasks.push(tokio::spawn(async move {
             let _ = worker.run(worker_stop, Duration::from_millis(500)).await;
@@ -310,7 +336,7 @@ impl TestFleet {
             &self.backends,
             routing,
             self.clock.clone(),
-            ingress_settings(),
+            ingress_settings(&self.callbacks),
             self.stop.clone(),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -344,6 +370,9 @@ impl TestFleet {
             .env("LIVEKIT_URL", self.emulator_url())
             .env("LIVEKIT_API_KEY", "devkey")
             .env("LIVEKIT_API_SECRET", "secret")
+            .env("CALLFLEET_CALLBACKS_ALLOW_PRIVATE", "true")
+            .env("CALLFLEET_CALLBACK_SECRETS", SIGNING_SECRET)
+            .env("CALLFLEET_CALLBACK_RETRY_SCHEDULE_S", "1,1,1")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)

@@ -5,6 +5,7 @@
 
 mod api_errors;
 mod broker_conformance;
+mod callbacks;
 mod chaos;
 mod control;
 mod crash;

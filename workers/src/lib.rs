@@ -1,6 +1,7 @@
 //! callfleet's workers: a bounded, draining consumer runtime over the broker port, and the
 //! job handlers that run on it (outbound call jobs, LiveKit webhook events).
 
+pub mod callbacks;
 pub mod calls;
 pub mod control;
 pub mod events;
@@ -10,6 +11,7 @@ pub mod runtime;
 pub mod steps;
 pub mod sweeper;
 
+pub use callbacks::{CallbackHandler, CallbackSettings, Dispatcher};
 pub use calls::{CallDeps, OutboundSettings};
 pub use control::ControlHandler;
 pub use events::WebhookEventHandler;

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::events::CallEvent;
+use crate::domain::events::{CallEvent, EventType};
+use crate::domain::subscription::call_subscription_id;
 use crate::domain::{Call, CallStatus, Direction, TimelineEntry};
 use crate::ports::broker::{headers, Message, WorkQueue};
 use crate::ports::store::{index_cursor, CasOutcome, Store, StoreError};
@@ -93,6 +94,65 @@ impl ControlJob {
     pub fn parse(body: &[u8]) -> Result<Self, String> {
         serde_json::from_slice(body).map_err(|e| format!("undecodable control job: {e}"))
     }
+}
+
+/// Who a callback goes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Target {
+    Subscription {
+        id: String,
+    },
+    /// A call's own `callback_url`, signed with the fleet's secrets.
+    Call {
+        url: String,
+    },
+}
+
+/// One callback to one receiver: the body as signed, and which attempt this is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackJob {
+    pub webhook_id: String,
+    pub target: Target,
+    pub event_type: EventType,
+    pub call_id: String,
+    pub event_at: DateTime<Utc>,
+    /// The JSON body, byte for byte what is signed and sent on every attempt.
+    pub payload: String,
+    pub attempt: u32,
+}
+
+impl CallbackJob {
+    pub fn message(&self, deliver_at: Option<DateTime<Utc>>) -> Message {
+        let body = serde_json::to_vec(self).unwrap_or_default();
+        let mut message = Message::new(WorkQueue::Callbacks, body)
+            .with_id(format!("{}-a{}", self.webhook_id, self.attempt))
+            .with_header(headers::TRACE_ID, self.call_id.clone());
+        message.deliver_at = deliver_at;
+        message
+    }
+
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(body).map_err(|e| format!("undecodable callback: {e}"))
+    }
+
+    /// The delivery log it is recorded in.
+    pub fn log_id(&self) -> String {
+        match &self.target {
+            Target::Subscription { id } => id.clone(),
+            Target::Call { .. } => call_subscription_id(&self.call_id),
+        }
+    }
+}
+
+/// The body receivers get: `{type, timestamp, data}` (the Standard Webhooks shape).
+pub fn payload(kind: EventType, at: DateTime<Utc>, data: serde_json::Value) -> String {
+    serde_json::json!({
+        "type": kind.as_str(),
+        "timestamp": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "data": data,
+    })
+    .to_string()
 }
 
 #[derive(Debug, thiserror::Error)]

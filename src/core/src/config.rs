@@ -214,6 +214,100 @@ pub struct RoutingConfig {
     pub default_profile: Option<String>,
 }
 
+/// Signed callbacks (Standard Webhooks): for the ingress (checking URLs, the subscriptions
+/// it is configured with) and the workers (delivering).
+#[derive(Debug, Clone, Args)]
+pub struct CallbackConfig {
+    /// The fleet's signing secrets (`whsec_…`, comma-separated, newest first) for calls'
+    /// own `callback_url`s. Several during a rotation: each callback carries a signature
+    /// per secret. `dev` generates one when unset.
+    #[arg(long, env = "CALLFLEET_CALLBACK_SECRETS", default_value = "")]
+    pub callback_secrets: SecretString,
+    /// Allow callback URLs on loopback and private addresses (dev mode does).
+    #[arg(long, env = "CALLFLEET_CALLBACKS_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub callbacks_allow_private: bool,
+    /// Seconds one delivery attempt may take before it counts as failed.
+    #[arg(long, env = "CALLFLEET_CALLBACK_TIMEOUT_S", default_value_t = 10)]
+    pub callback_timeout_s: u64,
+    /// Waits between attempts, in seconds, comma-separated (the default spans about a
+    /// day: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h; each with ±20 % jitter).
+    #[arg(
+        long,
+        env = "CALLFLEET_CALLBACK_RETRY_SCHEDULE_S",
+        default_value = "5,300,1800,7200,18000,36000,36000"
+    )]
+    pub callback_retry_schedule_s: String,
+    /// Callbacks a worker sends at once (apart from its call jobs' own limit).
+    #[arg(long, env = "CALLFLEET_CALLBACK_CONCURRENCY", default_value_t = 64)]
+    pub callback_concurrency: usize,
+    /// Callbacks a worker sends at once to one receiver, so a slow one cannot take every
+    /// slot from the others.
+    #[arg(long, env = "CALLFLEET_CALLBACK_PER_RECEIVER", default_value_t = 8)]
+    pub callback_per_receiver: usize,
+    /// Subscriptions to create or replace at start-up: a JSON array of subscription
+    /// objects with ids (as `POST /v1/subscriptions` takes them).
+    #[arg(long, env = "CALLFLEET_SUBSCRIPTIONS")]
+    pub subscriptions: Option<String>,
+}
+
+impl CallbackConfig {
+    /// The signing secrets as given (validated by [`CallbackConfig::validate`]).
+    pub fn secrets(&self) -> Vec<String> {
+        self.callback_secrets
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The waits between attempts.
+    pub fn schedule(&self) -> Result<Vec<std::time::Duration>, ConfigError> {
+        let waits: Result<Vec<u64>, _> = self
+            .callback_retry_schedule_s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::parse::<u64>)
+            .collect();
+        match waits {
+            Ok(w)
+                if !w.is_empty()
+                    && w.len() <= 20
+                    && w.iter().all(|s| (1..=7 * 86_400).contains(s)) =>
+            {
+                Ok(w.into_iter().map(std::time::Duration::from_secs).collect())
+            }
+            _ => Err(bad(
+                "CALLFLEET_CALLBACK_RETRY_SCHEDULE_S",
+                "must list 1 to 20 waits in seconds, each 1 to 604800 (e.g. 5,300,1800)",
+            )),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for secret in self.secrets() {
+            crate::domain::subscription::SigningSecret::parse(&secret)
+                .map_err(|e| bad("CALLFLEET_CALLBACK_SECRETS", format!("{e}")))?;
+        }
+        self.schedule()?;
+        if !(1..=120).contains(&self.callback_timeout_s) {
+            return Err(bad(
+                "CALLFLEET_CALLBACK_TIMEOUT_S",
+                "must be 1 to 120 seconds",
+            ));
+        }
+        if !(1..=4_096).contains(&self.callback_concurrency) {
+            return Err(bad("CALLFLEET_CALLBACK_CONCURRENCY", "must be 1 to 4096"));
+        }
+        if !(1..=1_024).contains(&self.callback_per_receiver) {
+            return Err(bad("CALLFLEET_CALLBACK_PER_RECEIVER", "must be 1 to 1024"));
+        }
+        Ok(())
+    }
+}
+
 /// How to reach LiveKit.
 #[derive(Debug, Clone, Args)]
 pub struct LiveKitConfig {

@@ -92,7 +92,30 @@ impl IngressState {
     /// down at any point) ends with exactly one call, enqueued.
     async fn accept(&self, request: CallRequest) -> Result<Accepted, ApiError> {
         let valid = self.validate(request)?;
+        self.check_callback(&valid.call).await?;
         self.admit(valid).await
+    }
+
+    /// A call's own callback URL must reach a receiver the fleet may call (no private
+    /// address unless allowed), and the fleet must have a secret to sign with.
+    async fn check_callback(&self, call: &Call) -> Result<(), ApiError> {
+        let Some(url) = &call.callback_url else {
+            return Ok(());
+        };
+        if !self.callbacks.signs_calls {
+            return Err(ApiError::Invalid {
+                field: "callback_url".into(),
+                message: "needs a signing secret: set CALLFLEET_CALLBACK_SECRETS on the fleet"
+                    .into(),
+            });
+        }
+        callfleet_core::callback::check_callback_url(url, self.callbacks.allow_private)
+            .await
+            .map(|_| ())
+            .map_err(|e| ApiError::Invalid {
+                field: "callback_url".into(),
+                message: e.to_string(),
+            })
     }
 
     /// Turns a request into the call it asks for, touching nothing (a batch validates
@@ -296,7 +319,11 @@ pub async fn create_batch(
     // before it half-accepted.
     let mut valid = Vec::new();
     for (index, item) in batch.calls.into_iter().enumerate() {
-        match crate::from_value::<CallRequest>(item).and_then(|r| state.validate(r)) {
+        let checked = match crate::from_value::<CallRequest>(item).and_then(|r| state.validate(r)) {
+            Ok(v) => state.check_callback(&v.call).await.map(|()| v),
+            Err(e) => Err(e),
+        };
+        match checked {
             Ok(v) => valid.push((index, v)),
             Err(e) => results[index] = Some(error_item(index, &e)),
         }

@@ -7,6 +7,7 @@ pub mod control;
 pub mod error;
 pub mod events;
 pub mod routing;
+pub mod subscriptions;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use axum::Router;
 use callfleet_core::calls::{CallBook, Clock};
 use callfleet_core::domain::request::CallDefaults;
 use callfleet_core::lifecycle::{health_router, Readiness};
+use callfleet_core::ports::subscriptions::SubscriptionStore;
 use callfleet_core::ports::Broker;
 use callfleet_core::routing::RoutingCache;
 use callfleet_core::telemetry::metrics as m;
@@ -51,6 +53,27 @@ pub struct IngressState {
     pub events: Arc<events::EventHub>,
     /// API keys that see phone numbers in full on the stream (others see them masked).
     pub number_keys: Arc<Vec<SecretString>>,
+    /// Callback subscriptions (admin API).
+    pub subscriptions: Arc<dyn SubscriptionStore>,
+    pub callbacks: CallbackPolicy,
+}
+
+/// What the ingress checks callback URLs against.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallbackPolicy {
+    /// Loopback and private addresses may receive callbacks (dev mode).
+    pub allow_private: bool,
+    /// The fleet has a signing secret, so a call may carry its own `callback_url`.
+    pub signs_calls: bool,
+}
+
+impl CallbackPolicy {
+    pub fn from_config(config: &callfleet_core::config::CallbackConfig) -> Self {
+        Self {
+            allow_private: config.callbacks_allow_private,
+            signs_calls: !config.secrets().is_empty(),
+        }
+    }
 }
 
 /// The ingress app: routes, body limit (413 beyond it) and request metrics by route.
@@ -65,6 +88,32 @@ pub fn app(state: IngressState) -> Router {
         .route("/v1/calls/{id}/hangup", post(control::hangup))
         .route("/v1/calls/{id}/transfer", post(control::transfer))
         .route("/v1/events", get(events::stream))
+        .route(
+            "/v1/subscriptions",
+            post(subscriptions::create).get(subscriptions::list),
+        )
+        .route(
+            "/v1/subscriptions/{id}",
+            get(subscriptions::get_one)
+                .patch(subscriptions::update)
+                .delete(subscriptions::delete),
+        )
+        .route(
+            "/v1/subscriptions/{id}/rotate-secret",
+            post(subscriptions::rotate),
+        )
+        .route(
+            "/v1/subscriptions/{id}/secrets/{index}",
+            axum::routing::delete(subscriptions::remove_secret),
+        )
+        .route(
+            "/v1/subscriptions/{id}/deliveries",
+            get(subscriptions::deliveries),
+        )
+        .route(
+            "/v1/subscriptions/{id}/test",
+            post(subscriptions::test_send),
+        )
         .route(
             "/v1/routing/profiles",
             post(routing::create).get(routing::list),

@@ -43,10 +43,13 @@ pub enum EventType {
     /// Any other change (the stream's default; never a callback of its own).
     #[serde(rename = "call.updated")]
     Updated,
+    /// A test-send to a subscription (never subscribed to; sent when asked).
+    #[serde(rename = "subscription.test")]
+    Test,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 14] = [
+    pub const ALL: [EventType; 15] = [
         EventType::Queued,
         EventType::InProgress,
         EventType::Completed,
@@ -61,6 +64,7 @@ impl EventType {
         EventType::Ended,
         EventType::Unrouted,
         EventType::Updated,
+        EventType::Test,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -79,6 +83,7 @@ impl EventType {
             EventType::Ended => "call.ended",
             EventType::Unrouted => "call.unrouted",
             EventType::Updated => "call.updated",
+            EventType::Test => "subscription.test",
         }
     }
 
@@ -86,9 +91,10 @@ impl EventType {
         Self::ALL.into_iter().find(|t| t.as_str() == s)
     }
 
-    /// Whether a subscription may ask for it (everything but the stream's `call.updated`).
+    /// Whether a subscription may ask for it (everything but the stream's `call.updated`
+    /// and the test-send's own type).
     pub fn is_callback(self) -> bool {
-        self != EventType::Updated
+        !matches!(self, EventType::Updated | EventType::Test)
     }
 }
 
@@ -281,6 +287,7 @@ mod tests {
             );
         }
         assert!(!EventType::Updated.is_callback());
+        assert!(!EventType::Test.is_callback());
         assert_eq!(EventType::parse("call.nope"), None);
     }
 

@@ -66,6 +66,9 @@ pub struct CallRequest {
     pub wait_until_answered: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<Vec<String>>,
+    /// Where this call's events are posted, signed with the fleet's secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
 }
 
 /// What the fleet fills in when a request leaves it out.
@@ -156,6 +159,15 @@ impl CallRequest {
                 ))
             }
         };
+        let callback_url = self
+            .callback_url
+            .as_deref()
+            .map(|url| {
+                super::subscription::parse_callback_url(url)
+                    .map(|u| u.to_string())
+                    .map_err(|e| bad("callback_url", e.to_string()))
+            })
+            .transpose()?;
         // No agent named: the worker dispatches its configured default.
         let agent_name = self.agent_name.clone();
         if let Some(agent) = &agent_name {
@@ -290,7 +302,7 @@ impl CallRequest {
             timeline: vec![],
             inbound: None,
             routing: None,
-            callback_url: None,
+            callback_url,
             commands: Vec::new(),
         };
         call.note(now, "accepted", None);

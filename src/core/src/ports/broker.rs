@@ -22,13 +22,16 @@ pub enum WorkQueue {
     WebhookEvents,
     /// Call control commands (hang up, transfer, cancel).
     Control,
+    /// Signed callbacks to deliver to receivers (one message per callback and receiver).
+    Callbacks,
 }
 
 impl WorkQueue {
-    pub const ALL: [WorkQueue; 3] = [
+    pub const ALL: [WorkQueue; 4] = [
         WorkQueue::CallJobs,
         WorkQueue::WebhookEvents,
         WorkQueue::Control,
+        WorkQueue::Callbacks,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -36,6 +39,7 @@ impl WorkQueue {
             WorkQueue::CallJobs => "call_jobs",
             WorkQueue::WebhookEvents => "webhook_events",
             WorkQueue::Control => "control",
+            WorkQueue::Callbacks => "callbacks",
         }
     }
 
