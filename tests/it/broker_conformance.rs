@@ -524,15 +524,11 @@ mod rabbitmq_only {
         .await;
         // Copies would arrive within the same expiry; give them a moment to show.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        super::assert_census(
-            broker.as_ref(),
-            &[
-                ("call_jobs", per_queue),
-                ("webhook_events", per_queue),
-                ("control", per_queue),
-            ],
-        )
-        .await;
+        let expected: Vec<(&str, u64)> = WorkQueue::ALL
+            .iter()
+            .map(|q| (q.as_str(), per_queue))
+            .collect();
+        super::assert_census(broker.as_ref(), &expected).await;
         let _ = conn.close(200, "done".into()).await;
     }
 

@@ -63,7 +63,20 @@ fn delivered(records: &[Received]) -> Vec<Received> {
 /// verified, and an event that arrived twice carries one webhook-id.
 #[tokio::test]
 async fn every_event_arrives_signed_through_a_failing_receiver() {
-    let fleet = TestFleet::start("callbacks", on_rabbit()).await;
+    // Retries spread over ~15 s: longer than the receiver is down.
+    let fleet = TestFleet::start(
+        "callbacks",
+        FleetOptions {
+            callbacks: callfleet_workers::CallbackSettings {
+                schedule: [500, 1_000, 2_000, 4_000, 8_000]
+                    .map(Duration::from_millis)
+                    .to_vec(),
+                ..test_callbacks()
+            },
+            ..on_rabbit()
+        },
+    )
+    .await;
     let mut receiver = Receiver::start(&[SUB_SECRET, SIGNING_SECRET]).await;
     let sub = subscribe(
         &fleet,
@@ -91,7 +104,11 @@ async fn every_event_arrives_signed_through_a_failing_receiver() {
     for id in &ids[..2] {
         fleet.wait_for(id, "completed", SLOW).await;
     }
-    // Down for a while: attempts meanwhile are refused connections, retried later.
+    // Down for a while: attempts meanwhile are refused connections, retried later. The
+    // receiver forgets what it saw when it restarts, so first it fails everything (503,
+    // retried), then what it accepted so far is read, then it goes down.
+    receiver.set_mode("/hooks", 503, 0, false, None).await;
+    receiver.set_mode("/own", 503, 0, false, None).await;
     let mut records = receiver.received(None).await;
     receiver.stop();
     tokio::time::sleep(Duration::from_millis(800)).await;

@@ -11,6 +11,7 @@ mod control;
 mod crash;
 mod dead_letters_cli;
 mod emulator;
+mod event_log_conformance;
 mod events;
 mod fleet;
 mod harness;

@@ -787,7 +787,7 @@ impl Call {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample(direction: Direction) -> Call {

@@ -317,6 +317,95 @@ impl Call {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::call::tests::sample;
+    use crate::domain::events::{event_type, EventType};
+    use crate::domain::CallStatus;
+
+    /// An outbound call whose first attempt was dialed.
+    fn connected() -> Call {
+        let mut call = sample(Direction::Outbound);
+        let now = Utc::now();
+        call.begin_attempt(now).steps.dial_started_at = Some(now);
+        call.status = CallStatus::InProgress;
+        call
+    }
+
+    fn hangup() -> CommandKind {
+        CommandKind::Hangup { delete_room: false }
+    }
+
+    #[test]
+    fn a_key_takes_one_command_and_a_never_queued_one_is_queued_by_its_repeat() {
+        let mut call = connected();
+        let now = Utc::now();
+        let (first, new) = call
+            .request_command(hangup(), Some("k".into()), "cmd_1".into(), now)
+            .expect("taken");
+        assert!(new);
+        let (again, new) = call
+            .request_command(hangup(), Some("k".into()), "cmd_2".into(), now)
+            .expect("same");
+        assert!(!new);
+        assert_eq!(again.id, first.id);
+        assert_eq!(call.commands.len(), 1);
+        // Its publish failed: the repeat queues it after all, under the same id.
+        assert!(call.command_done("cmd_1", CommandOutcome::NotQueued, now));
+        let (revived, new) = call
+            .request_command(hangup(), Some("k".into()), "cmd_3".into(), now)
+            .expect("revived");
+        assert!(new);
+        assert_eq!(revived.id, "cmd_1");
+        assert_eq!(call.command_step("cmd_1"), CommandStep::Send);
+    }
+
+    #[test]
+    fn commands_need_a_connected_call_that_has_not_ended() {
+        let mut queued = sample(Direction::Outbound);
+        let now = Utc::now();
+        assert_eq!(
+            queued.request_command(hangup(), None, "c".into(), now),
+            Err(ControlRefused::NotConnected)
+        );
+        let mut ended = connected();
+        ended.advance(CallStatus::Completed, now);
+        assert_eq!(
+            ended.request_command(hangup(), None, "c".into(), now),
+            Err(ControlRefused::Ended)
+        );
+    }
+
+    #[test]
+    fn the_journal_sends_once_and_records_one_outcome_as_an_event() {
+        let mut call = connected();
+        let now = Utc::now();
+        let to = TransferTarget::parse("tel:+15105550199").expect("target");
+        let kind = CommandKind::Transfer {
+            to,
+            play_dialtone: false,
+            ringing_timeout_s: None,
+            headers: BTreeMap::new(),
+        };
+        call.request_command(kind, None, "t".into(), now)
+            .expect("taken");
+        assert!(call.command_sending("t", now));
+        assert!(!call.command_sending("t", now), "stamped once");
+        assert_eq!(call.command_step("t"), CommandStep::Reconcile(now));
+        call.command_not_sent("t");
+        assert_eq!(call.command_step("t"), CommandStep::Send);
+        assert!(call.command_done(
+            "t",
+            CommandOutcome::TransferFailed {
+                sip_status: Some(603),
+                reason: "Decline".into()
+            },
+            now
+        ));
+        assert!(!call.command_done("t", CommandOutcome::Transferred, now));
+        let last = call.timeline.last().expect("entry").clone();
+        assert_eq!(last.detail.as_deref(), Some("603 Decline"));
+        assert_eq!(event_type(&call, &last), EventType::TransferFailed);
+        assert_eq!(call.command_step("t"), CommandStep::Done);
+    }
 
     #[test]
     fn transfer_targets_are_tel_or_sip() {
