@@ -422,3 +422,87 @@ async fn subscriptions_rotate_secrets_and_test_sends_are_logged() {
     queues_drained(&fleet, Duration::from_secs(15)).await;
     fleet.stop().await;
 }
+
+/// The worker delivering callbacks to a slow receiver is SIGKILLed mid-delivery; another
+/// worker process takes over the dispatch and the deliveries: every event still arrives,
+/// and one that arrived twice carries the same webhook-id.
+#[tokio::test]
+async fn a_killed_worker_loses_no_callback() {
+    let fleet = TestFleet::start(
+        "callbacks-kill",
+        FleetOptions {
+            workers: 0,
+            ..on_rabbit()
+        },
+    )
+    .await;
+    let receiver = Receiver::start(&[SUB_SECRET]).await;
+    receiver.set_mode("/k", 200, 400, false, None).await;
+    subscribe(
+        &fleet,
+        json!({"url": receiver.endpoint("/k"), "secret": SUB_SECRET,
+               "event_types": ["call.queued", "call.completed"]}),
+    )
+    .await;
+    let mut first = fleet.worker_process();
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        let number = format!("+1510555019{n}");
+        fleet
+            .emulator
+            .script(&number, script(Outcome::Answer, Some(100)));
+        ids.push(fleet.submit(json!({"to": number})).await);
+    }
+    // Some callbacks are in flight at the slow receiver when the worker dies.
+    eventually("the first deliveries to start", SLOW, || async {
+        (!receiver.received(Some("/k")).await.is_empty()).then_some(())
+    })
+    .await;
+    first.start_kill().expect("SIGKILL");
+    let _ = first.wait().await;
+    let _second = fleet.worker_process();
+    let expected: BTreeSet<(String, String)> = ids
+        .iter()
+        .flat_map(|id| {
+            ["call.queued", "call.completed"]
+                .into_iter()
+                .map(move |t| (id.clone(), t.to_owned()))
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let records = loop {
+        let all = receiver.received(Some("/k")).await;
+        let seen: BTreeSet<(String, String)> = by_event(&delivered(&all)).into_keys().collect();
+        if seen == expected {
+            break all;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let (_, calls) = fleet.get("/v1/calls?limit=20").await;
+            let statuses: Vec<(&str, &str)> = calls["calls"]
+                .as_array()
+                .map(|c| {
+                    c.iter()
+                        .map(|c| {
+                            (
+                                c["id"].as_str().unwrap_or(""),
+                                c["status"].as_str().unwrap_or(""),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            panic!(
+                "missing {:?}; calls {statuses:?}; census {:?}",
+                expected.difference(&seen).collect::<Vec<_>>(),
+                fleet.broker.census().await.ok()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(records.iter().all(|r| r.verified));
+    for (event, webhook_ids) in by_event(&records) {
+        assert_eq!(webhook_ids.len(), 1, "{event:?} came with {webhook_ids:?}");
+    }
+    queues_drained(&fleet, Duration::from_secs(20)).await;
+    fleet.stop().await;
+}

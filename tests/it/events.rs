@@ -262,3 +262,53 @@ async fn filters_are_checked_and_numbers_masked() {
     .await;
     fleet.stop().await;
 }
+
+/// A client that stops reading while changes pour in is told it fell behind and is
+/// disconnected; the ingress never buffers more than its bound for it.
+#[tokio::test]
+async fn a_client_too_slow_to_keep_up_is_told_and_dropped() {
+    let fleet = TestFleet::start(
+        "events-slow",
+        FleetOptions {
+            stream_buffer: 64,
+            workers: 0,
+            ..Default::default()
+        },
+    )
+    .await;
+    let response = fleet
+        .http
+        .get(format!("{}/v1/events", fleet.base))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .expect("reachable");
+    assert_eq!(response.status(), 200);
+    // A call changed 20,000 times while the client reads nothing (about 12 MB of events,
+    // more than the sockets between them hold).
+    fleet
+        .emulator
+        .script("+15105550150", script(Outcome::Answer, Some(100)));
+    let id = fleet.submit(json!({"to": "+15105550150"})).await;
+    let calls = fleet.calls();
+    for n in 0..20_000 {
+        calls
+            .update(&id, |c| {
+                c.note(chrono::Utc::now(), "bench_tick", Some(n.to_string()))
+            })
+            .await
+            .expect("update");
+    }
+    let body = tokio::time::timeout(SLOW, response.text())
+        .await
+        .expect("the stream ends")
+        .unwrap_or_default();
+    let tail: Vec<&str> = body.lines().rev().take(6).collect();
+    assert!(
+        body.contains("event: error") && body.contains("too_slow"),
+        "the stream ended without saying why: {tail:?}"
+    );
+    let received = body.matches("event: call.").count();
+    assert!(received < 20_000, "received {received}: never fell behind?");
+    fleet.stop().await;
+}

@@ -59,6 +59,8 @@ pub struct FleetOptions {
     pub default_profile: Option<String>,
     /// How workers deliver callbacks (and what the ingress checks callback URLs against).
     pub callbacks: CallbackSettings,
+    /// Events a stream client may fall behind before it is dropped.
+    pub stream_buffer: usize,
 }
 
 /// The fleet's signing secret in tests (for calls' own callback URLs).
@@ -102,6 +104,7 @@ impl Default for FleetOptions {
             livekit_timeout: Duration::from_secs(10),
             default_profile: None,
             callbacks: test_callbacks(),
+            stream_buffer: 4_096,
         }
     }
 }
@@ -132,7 +135,7 @@ pub struct TestFleet {
     _clean: Option<CleanOnDrop>,
 }
 
-fn ingress_settings(callbacks: &CallbackSettings) -> IngressSettings {
+fn ingress_settings(callbacks: &CallbackSettings, stream_buffer: usize) -> IngressSettings {
     IngressSettings {
         max_body_bytes: 64 * 1024,
         api_keys: vec![API_KEY.into(), VIEWER_KEY.into()],
@@ -144,7 +147,7 @@ fn ingress_settings(callbacks: &CallbackSettings) -> IngressSettings {
         number_keys: vec![API_KEY.into()],
         // Heartbeats a test can wait for.
         stream: fleet::StreamSettings {
-            buffer: 4_096,
+            buffer: stream_buffer,
             heartbeat: Duration::from_secs(1),
         },
         callbacks: fleet::CallbackPolicy {
@@ -246,7 +249,7 @@ impl TestFleet {
             &backends,
             Arc::clone(&routing),
             clock.clone(),
-            ingress_settings(&options.callbacks),
+            ingress_settings(&options.callbacks, options.stream_buffer),
             stop.clone(),
         );
         let tasks = vec![tokio::spawn(fleet::serve(
@@ -336,7 +339,7 @@ impl TestFleet {
             &self.backends,
             routing,
             self.clock.clone(),
-            ingress_settings(&self.callbacks),
+            ingress_settings(&self.callbacks, 4_096),
             self.stop.clone(),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -378,6 +381,11 @@ impl TestFleet {
             .kill_on_drop(true)
             .spawn()
             .expect("start a worker process")
+    }
+
+    /// The fleet's call records (to make changes without going through LiveKit).
+    pub fn calls(&self) -> callfleet_core::calls::CallBook {
+        callfleet_core::calls::CallBook::new(Arc::clone(&self.backends.store))
     }
 
     pub fn emulator_url(&self) -> String {

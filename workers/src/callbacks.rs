@@ -222,17 +222,10 @@ impl Dispatcher {
         }
     }
 
-    /// Where to read from: the saved cursor, or (the very first time) the log's newest
-    /// event, so a fleet that starts dispatching does not replay the log's whole history.
+    /// Where to read from: the saved cursor, or (the very first time) the start of the
+    /// log, so events of calls taken before any worker ran are still announced.
     async fn start(&self) -> Result<Option<EventId>, StoreError> {
-        if let Some(cursor) = self.events.cursor(DISPATCHER).await? {
-            return Ok(Some(cursor));
-        }
-        let newest = self.events.bounds().await?.map(|(_, last)| last);
-        if let Some(newest) = newest {
-            self.events.set_cursor(DISPATCHER, newest).await?;
-        }
-        Ok(newest)
+        self.events.cursor(DISPATCHER).await
     }
 
     async fn dispatch(&self, batch: &[callfleet_core::ports::LoggedEvent]) -> Result<(), String> {
