@@ -506,3 +506,74 @@ async fn a_killed_worker_loses_no_callback() {
     queues_drained(&fleet, Duration::from_secs(20)).await;
     fleet.stop().await;
 }
+
+/// An inbound call announces its start, the hang-up an operator asked for and its end to
+/// the subscription of its profile's organization, and nothing to another organization's.
+#[tokio::test]
+async fn inbound_calls_are_announced_to_their_organization() {
+    use crate::inbound::{agent_joins_after, call_in_room, create_profile, place};
+    const DID: &str = "+15105550100";
+    let fleet = TestFleet::start("callbacks-in", on_rabbit()).await;
+    let receiver = Receiver::start(&[SUB_SECRET]).await;
+    create_profile(
+        &fleet,
+        json!({"id": "acme-desk", "name": "Acme desk", "organization": "acme",
+               "agent_name": "acme-agent", "numbers": [DID], "agent_join_timeout_s": 1}),
+    )
+    .await;
+    agent_joins_after(&fleet, "acme-agent", 100).await;
+    for (path, org) in [("/acme", "acme"), ("/other", "other")] {
+        subscribe(
+            &fleet,
+            json!({"url": receiver.endpoint(path), "secret": SUB_SECRET,
+                   "event_types": ["call.started", "call.hung_up", "call.ended"],
+                   "filter": {"organization": org, "direction": "inbound"}}),
+        )
+        .await;
+    }
+    let placed = place(&fleet, json!({"from": "+15105550133", "to": DID})).await;
+    let room = placed["room_name"].as_str().expect("room").to_owned();
+    let call = eventually("the agent to answer", SLOW, || async {
+        let c = call_in_room(&fleet, &room, SLOW).await;
+        (c["status"] == "in_progress").then_some(c)
+    })
+    .await;
+    let id = call["id"].as_str().expect("id").to_owned();
+    let (status, body) = fleet
+        .post(
+            &format!("/v1/calls/{id}/hangup"),
+            &json!({"delete_room": true}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    fleet.wait_for(&id, "completed", SLOW).await;
+    let got = eventually("start, hang-up and end", SLOW, || async {
+        let got = delivered(&receiver.received(Some("/acme")).await);
+        let types: BTreeSet<String> = got
+            .iter()
+            .filter_map(|r| r.body["type"].as_str().map(str::to_owned))
+            .collect();
+        (types.len() == 3).then_some(got)
+    })
+    .await;
+    assert!(got
+        .iter()
+        .all(|r| r.verified && r.body["data"]["call_id"] == id.as_str()));
+    let ended = got
+        .iter()
+        .find(|r| r.body["type"] == "call.ended")
+        .expect("ended");
+    assert_eq!(ended.body["data"]["status"], "completed");
+    assert_eq!(ended.body["data"]["profile_id"], "acme-desk");
+    assert_eq!(ended.body["data"]["organization"], "acme");
+    let deleted = fleet
+        .emulator
+        .requests_of("DeleteRoom")
+        .iter()
+        .filter(|r| r.room.as_deref() == Some(room.as_str()) && r.outcome.executed())
+        .count();
+    assert_eq!(deleted, 1);
+    assert!(receiver.received(Some("/other")).await.is_empty());
+    queues_drained(&fleet, Duration::from_secs(15)).await;
+    fleet.stop().await;
+}

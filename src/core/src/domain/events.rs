@@ -31,7 +31,7 @@ pub enum EventType {
     Transferred,
     #[serde(rename = "call.transfer_failed")]
     TransferFailed,
-    /// Inbound: a caller reached the fleet.
+    /// Inbound: a caller reached the fleet and was routed to a profile.
     #[serde(rename = "call.started")]
     Started,
     /// Inbound: the call ended (any final status; the data says which).
@@ -118,7 +118,6 @@ pub fn event_type(call: &Call, entry: &TimelineEntry) -> EventType {
     if let Some(status) = CallStatus::parse(&entry.event) {
         return match (call.direction, status) {
             (Direction::Outbound, CallStatus::Queued) => EventType::Queued,
-            (Direction::Inbound, CallStatus::SipParticipantJoined) => EventType::Updated,
             (_, CallStatus::InProgress) => EventType::InProgress,
             (Direction::Inbound, CallStatus::Unrouted) => EventType::Unrouted,
             (Direction::Inbound, s) if s.is_terminal() => EventType::Ended,
@@ -133,7 +132,11 @@ pub fn event_type(call: &Call, entry: &TimelineEntry) -> EventType {
     match entry.event.as_str() {
         // An outbound call is queued the moment it is accepted.
         "accepted" if call.direction == Direction::Outbound => EventType::Queued,
-        "sip_participant_joined" if call.direction == Direction::Inbound => EventType::Started,
+        // An inbound call starts for the outside world once routed: from then on it has
+        // the profile and organization its subscribers filter on.
+        "routed" if call.direction == Direction::Inbound && call.status != CallStatus::Unrouted => {
+            EventType::Started
+        }
         entries::HUNG_UP | entries::CALLER_HUNG_UP_BY_FLEET => EventType::HungUp,
         entries::TRANSFERRED => EventType::Transferred,
         entries::TRANSFER_FAILED => EventType::TransferFailed,
@@ -289,6 +292,34 @@ mod tests {
         assert!(!EventType::Updated.is_callback());
         assert!(!EventType::Test.is_callback());
         assert_eq!(EventType::parse("call.nope"), None);
+    }
+
+    #[test]
+    fn entries_map_to_the_types_systems_subscribe_to() {
+        use crate::domain::call::tests::sample;
+        let out = sample(Direction::Outbound);
+        let inb = sample(Direction::Inbound);
+        let typed = |call: &Call, event: &str| event_type(call, &entry(0, event));
+        assert_eq!(typed(&out, "accepted"), EventType::Queued);
+        assert_eq!(typed(&out, "in_progress"), EventType::InProgress);
+        assert_eq!(typed(&out, "no_answer"), EventType::NoAnswer);
+        assert_eq!(typed(&out, "busy"), EventType::Busy);
+        assert_eq!(typed(&out, "dialing"), EventType::Updated);
+        assert_eq!(typed(&inb, "sip_participant_joined"), EventType::Updated);
+        assert_eq!(typed(&inb, "routed"), EventType::Started);
+        let mut unrouted = sample(Direction::Inbound);
+        unrouted.status = CallStatus::Unrouted;
+        assert_eq!(typed(&unrouted, "routed"), EventType::Updated);
+        assert_eq!(typed(&inb, "in_progress"), EventType::InProgress);
+        assert_eq!(typed(&inb, "completed"), EventType::Ended);
+        assert_eq!(typed(&inb, "canceled"), EventType::Ended);
+        assert_eq!(typed(&inb, "unrouted"), EventType::Unrouted);
+        assert_eq!(
+            typed(&inb, entries::CALLER_HUNG_UP_BY_FLEET),
+            EventType::HungUp
+        );
+        assert_eq!(typed(&out, entries::TRANSFERRED), EventType::Transferred);
+        assert_eq!(typed(&out, "dispatch_created"), EventType::Updated);
     }
 
     #[test]
