@@ -577,3 +577,169 @@ async fn inbound_calls_are_announced_to_their_organization() {
     queues_drained(&fleet, Duration::from_secs(15)).await;
     fleet.stop().await;
 }
+
+/// The broker connection is closed under the dispatcher and the deliveries: publishes
+/// and acks fail until the adapter reconnects, and no callback is lost for it.
+#[tokio::test]
+async fn a_closed_broker_connection_loses_no_callback() {
+    let fleet = TestFleet::start("callbacks-amqp", on_rabbit()).await;
+    let prefix = fleet.prefix.clone().expect("a RabbitMQ prefix");
+    let receiver = Receiver::start(&[SUB_SECRET]).await;
+    receiver.set_mode("/b", 200, 150, false, None).await;
+    subscribe(
+        &fleet,
+        json!({"url": receiver.endpoint("/b"), "secret": SUB_SECRET,
+               "event_types": ["call.queued", "call.completed"]}),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let number = format!("+1510555012{n}");
+        fleet
+            .emulator
+            .script(&number, script(Outcome::Answer, Some(200)));
+        ids.push(fleet.submit(json!({"to": number})).await);
+    }
+    eventually("the first deliveries", SLOW, || async {
+        (!receiver.received(Some("/b")).await.is_empty()).then_some(())
+    })
+    .await;
+    let closed =
+        tokio::task::spawn_blocking(move || crate::harness::close_connections_named(&prefix))
+            .await
+            .expect("rabbitmqctl");
+    assert!(closed > 0, "no connection of this test was found to close");
+    let expected: BTreeSet<(String, String)> = ids
+        .iter()
+        .flat_map(|id| {
+            ["call.queued", "call.completed"]
+                .into_iter()
+                .map(move |t| (id.clone(), t.to_owned()))
+        })
+        .collect();
+    let records = eventually("every event after the broker came back", SLOW, || async {
+        let all = receiver.received(Some("/b")).await;
+        let seen: BTreeSet<(String, String)> = by_event(&delivered(&all)).into_keys().collect();
+        (seen == expected).then_some(all)
+    })
+    .await;
+    assert!(records.iter().all(|r| r.verified));
+    for (event, webhook_ids) in by_event(&records) {
+        assert_eq!(webhook_ids.len(), 1, "{event:?} came with {webhook_ids:?}");
+    }
+    queues_drained(&fleet, Duration::from_secs(20)).await;
+    fleet.stop().await;
+}
+
+/// Subscriptions listed in CALLFLEET_SUBSCRIPTIONS are created, then replaced by id on the
+/// next start; a wrong entry stops the start naming it.
+#[tokio::test]
+async fn configured_subscriptions_are_created_then_replaced() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        callbacks: callfleet_core::config::CallbackConfig,
+    }
+    let config = |json: &str, private: &str| {
+        Cli::try_parse_from([
+            "t",
+            "--subscriptions",
+            json,
+            "--callbacks-allow-private",
+            private,
+        ])
+        .expect("parses")
+        .callbacks
+    };
+    let fleet = TestFleet::start("callbacks-config", FleetOptions::default()).await;
+    let first = config(
+        r#"[{"id": "ops", "url": "http://127.0.0.1:9/hook", "event_types": ["call.failed"]}]"#,
+        "true",
+    );
+    let made = callfleet::fleet::configured_subscriptions(fleet.backends(), &first)
+        .await
+        .expect("applied");
+    assert_eq!(made, 1);
+    let (status, ops) = fleet.get("/v1/subscriptions/ops").await;
+    assert_eq!(status, 200, "{ops}");
+    assert_eq!(ops["event_types"], json!(["call.failed"]));
+    let again = config(
+        r#"[{"id": "ops", "url": "http://127.0.0.1:9/other", "event_types": ["call.failed"]}]"#,
+        "true",
+    );
+    callfleet::fleet::configured_subscriptions(fleet.backends(), &again)
+        .await
+        .expect("applied");
+    let (_, replaced) = fleet.get("/v1/subscriptions/ops").await;
+    assert_eq!(replaced["url"], "http://127.0.0.1:9/other");
+    assert_eq!(replaced["created_at"], ops["created_at"]);
+    for (json, private, names) in [
+        (r#"[{"url": "http://127.0.0.1:9/x"}]"#, "true", "[0].id"),
+        (
+            r#"[{"id": "x", "url": "http://127.0.0.1:9/x"}]"#,
+            "false",
+            "[0].url",
+        ),
+        (r#"{"id": "x"}"#, "true", "JSON array"),
+    ] {
+        let e =
+            callfleet::fleet::configured_subscriptions(fleet.backends(), &config(json, private))
+                .await
+                .expect_err("refused");
+        assert!(e.to_string().contains(names), "{e}");
+        assert!(e.to_string().starts_with("CALLFLEET_SUBSCRIPTIONS"), "{e}");
+    }
+    fleet.stop().await;
+}
+
+/// The metrics of the ways out: commands by kind and result, stream clients and events,
+/// callbacks by result and their delay.
+#[tokio::test]
+async fn the_ways_out_are_measured() {
+    let handle = callfleet_core::telemetry::prometheus().expect("recorder");
+    let fleet = TestFleet::start("callbacks-metrics", FleetOptions::default()).await;
+    let receiver = Receiver::start(&[SUB_SECRET]).await;
+    subscribe(
+        &fleet,
+        json!({"url": receiver.endpoint("/m"), "secret": SUB_SECRET, "event_types": ["call.hung_up"]}),
+    )
+    .await;
+    let stream =
+        crate::events::StreamClient::connect(&fleet.base, "", None, crate::fleet::API_KEY).await;
+    fleet
+        .emulator
+        .script("+15105550231", script(Outcome::Answer, None));
+    let id = fleet
+        .submit(json!({"to": "+15105550231", "wait_until_answered": true}))
+        .await;
+    fleet.wait_for(&id, "in_progress", SLOW).await;
+    let (status, _) = fleet
+        .post(&format!("/v1/calls/{id}/hangup"), &json!({}))
+        .await;
+    assert_eq!(status, 202);
+    fleet.wait_for(&id, "completed", SLOW).await;
+    eventually("the hang-up's callback", SLOW, || async {
+        (!delivered(&receiver.received(Some("/m")).await).is_empty()).then_some(())
+    })
+    .await;
+    stream
+        .until("the end on the stream", |e| {
+            e.iter().any(|e| e.event == "call.completed")
+        })
+        .await;
+    let text = handle.render();
+    for needle in [
+        "callfleet_control_commands_total{kind=\"hangup\",result=\"accepted\"} 1",
+        "callfleet_control_commands_total{kind=\"hangup\",result=\"hung_up\"} 1",
+        "callfleet_jobs_enqueued_total{queue=\"control\"} 1",
+        "callfleet_stream_clients 1",
+        "callfleet_stream_events_total",
+        "callfleet_callbacks_total{result=\"delivered\"} 1",
+        "callfleet_callback_delivery_delay_seconds_count 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    drop(stream.close());
+    fleet.stop().await;
+}

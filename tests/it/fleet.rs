@@ -383,6 +383,11 @@ impl TestFleet {
             .expect("start a worker process")
     }
 
+    /// The backends the fleet runs on.
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
     /// The fleet's call records (to make changes without going through LiveKit).
     pub fn calls(&self) -> callfleet_core::calls::CallBook {
         callfleet_core::calls::CallBook::new(Arc::clone(&self.backends.store))
