@@ -41,6 +41,8 @@ const LEAD_TTL: Duration = Duration::from_secs(10);
 const BATCH: usize = 500;
 /// How long a delivered callback's `webhook-id` is remembered.
 const DELIVERED_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Receivers whose slots a worker keeps before it forgets the idle ones.
+const MAX_RECEIVERS_KEPT: usize = 1_024;
 /// Wait before a callback whose receiver has every slot busy is tried again.
 const RECEIVER_BUSY: Duration = Duration::from_millis(250);
 
@@ -299,12 +301,28 @@ impl CallbackHandler {
         })
     }
 
-    fn receiver_slots(&self, receiver: &str) -> Arc<Semaphore> {
+    /// The slots of one receiver (a URL's scheme, host and port: every call's own URL on
+    /// one host shares them). Idle receivers are forgotten once many were seen.
+    fn receiver_slots(&self, url: &str) -> Arc<Semaphore> {
+        let receiver = reqwest::Url::parse(url)
+            .map(|u| {
+                format!(
+                    "{}://{}:{}",
+                    u.scheme(),
+                    u.host_str().unwrap_or(""),
+                    u.port_or_known_default().unwrap_or(0)
+                )
+            })
+            .unwrap_or_else(|_| url.to_owned());
+        let full = self.settings.per_receiver.max(1);
+        let mut receivers = self.receivers.lock();
+        if receivers.len() > MAX_RECEIVERS_KEPT {
+            receivers.retain(|_, slots| slots.available_permits() < full);
+        }
         Arc::clone(
-            self.receivers
-                .lock()
-                .entry(receiver.to_owned())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.settings.per_receiver.max(1)))),
+            receivers
+                .entry(receiver)
+                .or_insert_with(|| Arc::new(Semaphore::new(full))),
         )
     }
 
@@ -395,7 +413,7 @@ impl CallbackHandler {
             .await;
             return Ok(HandlerOutcome::DeadLetter { reason });
         }
-        let slots = self.receiver_slots(&job.log_id());
+        let slots = self.receiver_slots(&url);
         let Ok(_slot) = slots.try_acquire_owned() else {
             return Ok(HandlerOutcome::Defer {
                 after: RECEIVER_BUSY,

@@ -134,6 +134,15 @@ pub struct BackendConfig {
         default_value_t = 5_000
     )]
     pub io_timeout_ms: u64,
+    /// Call events kept for the live stream's resume (`Last-Event-ID`) and the callback
+    /// dispatcher (Redis trims approximately, never below this).
+    #[arg(
+        long,
+        global = true,
+        env = "CALLFLEET_EVENT_RETENTION",
+        default_value_t = 100_000
+    )]
+    pub event_retention: usize,
 }
 
 impl BackendConfig {
@@ -150,6 +159,12 @@ impl BackendConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1_000..=10_000_000).contains(&self.event_retention) {
+            return Err(bad(
+                "CALLFLEET_EVENT_RETENTION",
+                "must be 1000 to 10000000 events",
+            ));
+        }
         if !(1..=1000).contains(&self.delivery_limit) {
             return Err(bad(
                 "CALLFLEET_DELIVERY_LIMIT",

@@ -113,7 +113,7 @@ impl Backends {
         };
         let (store, routing, events, subscriptions): Stores = match store {
             StoreKind::Memory => {
-                let memory = MemoryStore::new();
+                let memory = MemoryStore::new().with_event_retention(config.event_retention);
                 let events = memory.events();
                 (
                     Arc::new(memory),
@@ -132,7 +132,8 @@ impl Backends {
                 .map_err(|source| BackendError::Store {
                     at: endpoint(config.redis_url.expose_secret()),
                     source,
-                })?;
+                })?
+                .with_event_retention(config.event_retention);
                 let routing = redis.routing();
                 let events = redis.events();
                 let subscriptions = redis.subscriptions();
