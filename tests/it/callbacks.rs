@@ -49,6 +49,13 @@ fn by_event(records: &[Received]) -> BTreeMap<(String, String), BTreeSet<String>
     seen
 }
 
+/// Every (call, event type) pair the calls `ids` should announce.
+fn each_event(ids: &[String], types: &[&str]) -> BTreeSet<(String, String)> {
+    ids.iter()
+        .flat_map(|id| types.iter().map(move |t| (id.clone(), (*t).to_owned())))
+        .collect()
+}
+
 fn delivered(records: &[Received]) -> Vec<Received> {
     records
         .iter()
@@ -113,14 +120,7 @@ async fn every_event_arrives_signed_through_a_failing_receiver() {
     receiver.stop();
     tokio::time::sleep(Duration::from_millis(800)).await;
     receiver.restart().await;
-    let expected: BTreeSet<(String, String)> = ids
-        .iter()
-        .flat_map(|id| {
-            ["call.queued", "call.in_progress", "call.completed"]
-                .into_iter()
-                .map(move |t| (id.clone(), t.to_owned()))
-        })
-        .collect();
+    let expected = each_event(&ids, &["call.queued", "call.in_progress", "call.completed"]);
     let all = eventually("every event at both URLs", SLOW, || {
         let seen_before = records.clone();
         let receiver = &receiver;
@@ -461,14 +461,7 @@ async fn a_killed_worker_loses_no_callback() {
     first.start_kill().expect("SIGKILL");
     let _ = first.wait().await;
     let _second = fleet.worker_process();
-    let expected: BTreeSet<(String, String)> = ids
-        .iter()
-        .flat_map(|id| {
-            ["call.queued", "call.completed"]
-                .into_iter()
-                .map(move |t| (id.clone(), t.to_owned()))
-        })
-        .collect();
+    let expected = each_event(&ids, &["call.queued", "call.completed"]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let records = loop {
         let all = receiver.received(Some("/k")).await;
@@ -566,13 +559,7 @@ async fn inbound_calls_are_announced_to_their_organization() {
     assert_eq!(ended.body["data"]["status"], "completed");
     assert_eq!(ended.body["data"]["profile_id"], "acme-desk");
     assert_eq!(ended.body["data"]["organization"], "acme");
-    let deleted = fleet
-        .emulator
-        .requests_of("DeleteRoom")
-        .iter()
-        .filter(|r| r.room.as_deref() == Some(room.as_str()) && r.outcome.executed())
-        .count();
-    assert_eq!(deleted, 1);
+    assert_eq!(crate::control::executed(&fleet, "DeleteRoom", &room), 1);
     assert!(receiver.received(Some("/other")).await.is_empty());
     queues_drained(&fleet, Duration::from_secs(15)).await;
     fleet.stop().await;
@@ -609,14 +596,7 @@ async fn a_closed_broker_connection_loses_no_callback() {
             .await
             .expect("rabbitmqctl");
     assert!(closed > 0, "no connection of this test was found to close");
-    let expected: BTreeSet<(String, String)> = ids
-        .iter()
-        .flat_map(|id| {
-            ["call.queued", "call.completed"]
-                .into_iter()
-                .map(move |t| (id.clone(), t.to_owned()))
-        })
-        .collect();
+    let expected = each_event(&ids, &["call.queued", "call.completed"]);
     let records = eventually("every event after the broker came back", SLOW, || async {
         let all = receiver.received(Some("/b")).await;
         let seen: BTreeSet<(String, String)> = by_event(&delivered(&all)).into_keys().collect();

@@ -90,7 +90,8 @@ fn timeline(call: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn executed(fleet: &TestFleet, method: &str, room: &str) -> usize {
+/// How many `method` requests LiveKit (the emulator) carried out in `room`.
+pub fn executed(fleet: &TestFleet, method: &str, room: &str) -> usize {
     fleet
         .emulator
         .requests_of(method)

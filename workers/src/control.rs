@@ -207,6 +207,21 @@ impl ControlHandler {
         }
     }
 
+    /// Clears the stamp of a command known not to have taken effect, and sends it again.
+    async fn resend(&self, held: Held, command: &Command) -> Result<bool, Stop> {
+        let held = match self
+            .deps
+            .calls
+            .update_held(held, |c| c.command_not_sent(&command.id))
+            .await
+            .map_err(InfraError::from)?
+        {
+            Some((held, ())) => held,
+            None => return Ok(true),
+        };
+        self.send(held, command).await
+    }
+
     /// A command sent before without a recorded answer.
     async fn reconcile(
         &self,
@@ -216,19 +231,7 @@ impl ControlHandler {
     ) -> Result<bool, Stop> {
         let ringing = match &command.kind {
             // Idempotent: send it again.
-            CommandKind::Hangup { .. } => {
-                let held = match self
-                    .deps
-                    .calls
-                    .update_held(held, |c| c.command_not_sent(&command.id))
-                    .await
-                    .map_err(InfraError::from)?
-                {
-                    Some((held, ())) => held,
-                    None => return Ok(true),
-                };
-                return self.send(held, command).await;
-            }
+            CommandKind::Hangup { .. } => return self.resend(held, command).await,
             CommandKind::Transfer {
                 ringing_timeout_s, ..
             } => ringing_timeout_s
@@ -267,20 +270,8 @@ impl ControlHandler {
                     .await?;
                 Ok(true)
             }
-            Ok(Some(_)) => {
-                // Still in the room after the transfer could have completed: it did not.
-                let held = match self
-                    .deps
-                    .calls
-                    .update_held(held, |c| c.command_not_sent(&command.id))
-                    .await
-                    .map_err(InfraError::from)?
-                {
-                    Some((held, ())) => held,
-                    None => return Ok(true),
-                };
-                self.send(held, command).await
-            }
+            // Still in the room after the transfer could have completed: it did not.
+            Ok(Some(_)) => self.resend(held, command).await,
             Err(e) => Err(retry(&e)),
         }
     }

@@ -18,6 +18,16 @@ pub struct ConfigError {
     pub problem: String,
 }
 
+/// The items of a comma-separated secret list (keys, signing secrets), blanks dropped.
+fn comma_list(list: &SecretString) -> Vec<String> {
+    list.expose_secret()
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 fn bad(var: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         var,
@@ -268,13 +278,7 @@ pub struct CallbackConfig {
 impl CallbackConfig {
     /// The signing secrets as given (validated by [`CallbackConfig::validate`]).
     pub fn secrets(&self) -> Vec<String> {
-        self.callback_secrets
-            .expose_secret()
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect()
+        comma_list(&self.callback_secrets)
     }
 
     /// The waits between attempts.
@@ -421,23 +425,11 @@ pub struct IngressConfig {
 
 impl IngressConfig {
     pub fn number_keys(&self) -> Vec<String> {
-        self.number_keys
-            .expose_secret()
-            .split(',')
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .map(str::to_owned)
-            .collect()
+        comma_list(&self.number_keys)
     }
 
     pub fn api_keys(&self) -> Vec<String> {
-        self.api_keys
-            .expose_secret()
-            .split(',')
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .map(str::to_owned)
-            .collect()
+        comma_list(&self.api_keys)
     }
 
     /// `require_keys`: the standalone ingress refuses to start without API keys.
