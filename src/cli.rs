@@ -465,6 +465,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 "  curl -s -X POST {base}/v1/calls -H \"authorization: Bearer {key}\" -H 'content-type: application/json' -d '{{\"to\":\"+15105550123\",\"agent_name\":\"reminder-agent\",\"context\":{{\"customerName\":\"Ada\",\"amountDue\":\"42.00\"}}}}'"
             );
             println!("  curl -s {base}/v1/calls -H \"authorization: Bearer {key}\"   # then GET /v1/calls/<id>");
+            println!("  curl -sN {base}/v1/events -H \"authorization: Bearer {key}\"   # every call change, live (SSE)");
             if let Some(p) = &dev_profile {
                 println!(
                     "Inbound: profile {} routes {} to agent {}; place a call with",
