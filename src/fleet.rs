@@ -88,6 +88,12 @@ pub async fn configured_subscriptions(
             .and_then(|o| o.remove("id"))
             .and_then(|id| id.as_str().map(str::to_owned))
             .ok_or_else(|| SubscriptionsConfigError(format!("[{i}].id: is required")))?;
+        // A secret made up here would be shown to no one (and differ per instance).
+        if value.get("secret").is_none_or(serde_json::Value::is_null) {
+            return Err(SubscriptionsConfigError(format!(
+                "[{i}].secret: is required here (whsec_…, the receiver's verifying secret)"
+            )));
+        }
         let input: callfleet_core::domain::subscription::SubscriptionInput =
             serde_json::from_value(value)
                 .map_err(|e| SubscriptionsConfigError(format!("[{i}]: {e}")))?;

@@ -634,7 +634,9 @@ async fn configured_subscriptions_are_created_then_replaced() {
     };
     let fleet = TestFleet::start("callbacks-config", FleetOptions::default()).await;
     let first = config(
-        r#"[{"id": "ops", "url": "http://127.0.0.1:9/hook", "event_types": ["call.failed"]}]"#,
+        &format!(
+            r#"[{{"id": "ops", "url": "http://127.0.0.1:9/hook", "event_types": ["call.failed"], "secret": "{SUB_SECRET}"}}]"#
+        ),
         "true",
     );
     let made = callfleet::fleet::configured_subscriptions(fleet.backends(), &first)
@@ -645,7 +647,9 @@ async fn configured_subscriptions_are_created_then_replaced() {
     assert_eq!(status, 200, "{ops}");
     assert_eq!(ops["event_types"], json!(["call.failed"]));
     let again = config(
-        r#"[{"id": "ops", "url": "http://127.0.0.1:9/other", "event_types": ["call.failed"]}]"#,
+        &format!(
+            r#"[{{"id": "ops", "url": "http://127.0.0.1:9/other", "event_types": ["call.failed"], "secret": "{SUB_SECRET}"}}]"#
+        ),
         "true",
     );
     callfleet::fleet::configured_subscriptions(fleet.backends(), &again)
@@ -655,16 +659,25 @@ async fn configured_subscriptions_are_created_then_replaced() {
     assert_eq!(replaced["url"], "http://127.0.0.1:9/other");
     assert_eq!(replaced["created_at"], ops["created_at"]);
     for (json, private, names) in [
-        (r#"[{"url": "http://127.0.0.1:9/x"}]"#, "true", "[0].id"),
         (
-            r#"[{"id": "x", "url": "http://127.0.0.1:9/x"}]"#,
+            r#"[{"url": "http://127.0.0.1:9/x"}]"#.to_owned(),
+            "true",
+            "[0].id",
+        ),
+        (
+            r#"[{"id": "x", "url": "http://127.0.0.1:9/x"}]"#.to_owned(),
+            "true",
+            "[0].secret",
+        ),
+        (
+            format!(r#"[{{"id": "x", "url": "http://127.0.0.1:9/x", "secret": "{SUB_SECRET}"}}]"#),
             "false",
             "[0].url",
         ),
-        (r#"{"id": "x"}"#, "true", "JSON array"),
+        (r#"{"id": "x"}"#.to_owned(), "true", "JSON array"),
     ] {
         let e =
-            callfleet::fleet::configured_subscriptions(fleet.backends(), &config(json, private))
+            callfleet::fleet::configured_subscriptions(fleet.backends(), &config(&json, private))
                 .await
                 .expect_err("refused");
         assert!(e.to_string().contains(names), "{e}");

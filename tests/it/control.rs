@@ -178,6 +178,15 @@ async fn outbound_transfers_fail_with_their_sip_status_and_a_hangup_ends_the_cal
         ids.push(taken["command_id"].as_str().expect("id").to_owned());
     }
     assert!(ids.iter().all(|c| c == &ids[0]), "{ids:?}");
+    let (status, body) = command(
+        &fleet,
+        &id,
+        "hangup",
+        json!({"delete_room": true}),
+        Some("hang-1"),
+    )
+    .await;
+    assert_eq!(status, 409, "a key names one command: {body}");
     let (_, hung) = finished(&fleet, &id, &ids[0]).await;
     assert_eq!(hung["outcome"]["result"], "hung_up");
     let ended = fleet.wait_for(&id, "completed", SLOW).await;
@@ -252,7 +261,7 @@ async fn an_inbound_call_is_transferred_once() {
         &fleet,
         &id,
         "transfer",
-        json!({"to": "tel:+15105550188"}),
+        json!({"to": "tel:+15105550188", "headers": {"X-Reason": "billing"}}),
         Some("t-1"),
     )
     .await;

@@ -169,7 +169,10 @@ impl Dispatcher {
         stop: &CancellationToken,
     ) {
         let mut cursor = match self.start().await {
-            Ok(cursor) => cursor,
+            Ok(cursor) => {
+                self.warn_if_trimmed(cursor).await;
+                cursor
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "callback dispatcher cannot read its cursor");
                 let _ = sleep_or_stop(stop, Duration::from_secs(1)).await;
@@ -228,6 +231,20 @@ impl Dispatcher {
     /// log, so events of calls taken before any worker ran are still announced.
     async fn start(&self) -> Result<Option<EventId>, StoreError> {
         self.events.cursor(DISPATCHER).await
+    }
+
+    /// The log was trimmed past where dispatching stopped (the workers were down longer
+    /// than the log's history): the events in between are gone, so say so loudly.
+    async fn warn_if_trimmed(&self, cursor: Option<EventId>) {
+        if let (Some(cursor), Ok(Some((oldest, _)))) = (cursor, self.events.bounds().await) {
+            if cursor < oldest {
+                metrics::counter!(m::CALLBACKS, "result" => "trimmed").increment(1);
+                tracing::error!(
+                    %cursor, %oldest,
+                    "callbacks for the events between the dispatcher's cursor and the oldest kept event are lost: raise CALLFLEET_EVENT_RETENTION"
+                );
+            }
+        }
     }
 
     async fn dispatch(&self, batch: &[callfleet_core::ports::LoggedEvent]) -> Result<(), String> {

@@ -50,7 +50,7 @@ pub mod metrics {
     pub const STREAM_EVENTS: &str = "callfleet_stream_events_total";
     /// Events a client too slow to keep up missed (it is then disconnected).
     pub const STREAM_EVENTS_DROPPED: &str = "callfleet_stream_events_dropped_total";
-    /// Callback delivery attempts by result (delivered, retrying, gone, dead_lettered…).
+    /// Callback delivery attempts by result (delivered, retrying, disabled, dead_lettered, skipped).
     pub const CALLBACKS: &str = "callfleet_callbacks_total";
     /// From a call event to its successful delivery to a receiver.
     pub const CALLBACK_DELAY_SECONDS: &str = "callfleet_callback_delivery_delay_seconds";
@@ -66,7 +66,17 @@ pub fn prometheus() -> Option<PrometheusHandle> {
             let latency = [
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ];
+            // A callback may be retried for about a day: its delay needs buckets that far.
+            let delivery = [
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 1_800.0, 7_200.0,
+                21_600.0, 86_400.0, 172_800.0,
+            ];
             PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(metrics::CALLBACK_DELAY_SECONDS.into()),
+                    &delivery,
+                )
+                .ok()?
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
                 .ok()?
                 .install_recorder()

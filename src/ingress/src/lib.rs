@@ -87,6 +87,10 @@ pub fn app(state: IngressState) -> Router {
         .route("/v1/calls/{id}/cancel", post(calls::cancel_call))
         .route("/v1/calls/{id}/hangup", post(control::hangup))
         .route("/v1/calls/{id}/transfer", post(control::transfer))
+        .route(
+            "/v1/calls/{id}/deliveries",
+            get(subscriptions::call_deliveries),
+        )
         .route("/v1/events", get(events::stream))
         .route(
             "/v1/subscriptions",

@@ -12,7 +12,9 @@ use callfleet_core::callback::check_callback_url;
 use callfleet_core::calls::{payload, CallbackJob, Target};
 use callfleet_core::domain::events::EventType;
 use callfleet_core::domain::request::FieldError;
-use callfleet_core::domain::subscription::{SigningSecret, Subscription, SubscriptionInput};
+use callfleet_core::domain::subscription::{
+    call_subscription_id, SigningSecret, Subscription, SubscriptionInput,
+};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -189,13 +191,7 @@ pub async fn deliveries(
 ) -> Result<Response, ApiError> {
     let id = sub_id(id)?;
     let params = crate::routing::query(params)?;
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=1_000).contains(&limit) {
-        return Err(ApiError::Invalid {
-            field: "limit".into(),
-            message: "must be 1 to 1000".into(),
-        });
-    }
+    let limit = delivery_limit(params.limit)?;
     load(&state, &id).await?;
     let records = state
         .subscriptions
@@ -203,6 +199,46 @@ pub async fn deliveries(
         .await
         .map_err(|e| unavailable("store", e))?;
     Ok(Json(json!({ "deliveries": records })).into_response())
+}
+
+/// `GET /v1/calls/{id}/deliveries?limit=`: the attempts to the call's own `callback_url`.
+pub async fn call_deliveries(
+    State(state): State<IngressState>,
+    id: Result<Path<String>, PathRejection>,
+    params: Result<Query<DeliveryParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let id = crate::calls::call_id(id)?;
+    let params = crate::routing::query(params)?;
+    let limit = delivery_limit(params.limit)?;
+    let call = state
+        .calls
+        .get(&id)
+        .await
+        .map_err(|e| unavailable("store", e))?
+        .ok_or_else(|| ApiError::NotFound(format!("no call {id}")))?;
+    if call.callback_url.is_none() {
+        return Err(ApiError::NotFound(format!(
+            "call {id} has no callback_url (subscriptions keep their own delivery logs)"
+        )));
+    }
+    let records = state
+        .subscriptions
+        .deliveries(&call_subscription_id(&id), limit)
+        .await
+        .map_err(|e| unavailable("store", e))?;
+    Ok(Json(json!({ "deliveries": records })).into_response())
+}
+
+fn delivery_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(50);
+    if (1..=1_000).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::Invalid {
+            field: "limit".into(),
+            message: "must be 1 to 1000".into(),
+        })
+    }
 }
 
 /// `POST /v1/subscriptions/{id}/test`: a `subscription.test` callback, queued, signed and

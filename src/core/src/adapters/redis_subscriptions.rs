@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 
 use super::redis_store::err;
-use crate::domain::subscription::{DeliveryRecord, Subscription};
+use crate::domain::subscription::{DeliveryRecord, Subscription, CALL_SUBSCRIPTION_PREFIX};
 use crate::ports::subscriptions::{SubscriptionStore, DELIVERY_LOG_LIMIT};
 use crate::ports::StoreError;
 
@@ -46,6 +46,9 @@ fn encode<T: serde::Serialize>(what: &str, value: &T) -> Result<String, StoreErr
     serde_json::to_string(value)
         .map_err(|e| StoreError::Protocol(format!("{what} not encodable: {e}")))
 }
+
+/// How long a call's own delivery log is kept after its last attempt (30 days).
+const CALL_LOG_TTL_S: u64 = 30 * 24 * 3600;
 
 #[async_trait]
 impl SubscriptionStore for RedisSubscriptions {
@@ -112,18 +115,23 @@ impl SubscriptionStore for RedisSubscriptions {
         let json = encode("delivery record", record)?;
         let key = self.log_key(sub_id);
         let mut conn = self.conn.clone();
-        let _: (i64, ()) = redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .cmd("LPUSH")
             .arg(&key)
             .arg(json)
+            .ignore()
             .cmd("LTRIM")
             .arg(&key)
             .arg(0)
             .arg(DELIVERY_LOG_LIMIT as i64 - 1)
-            .query_async(&mut conn)
-            .await
-            .map_err(err)?;
+            .ignore();
+        // A call's own log lives as long as anyone asks about a call's callbacks; a
+        // subscription's lives as long as the subscription.
+        if sub_id.starts_with(CALL_SUBSCRIPTION_PREFIX) {
+            pipe.cmd("EXPIRE").arg(&key).arg(CALL_LOG_TTL_S).ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.map_err(err)?;
         Ok(())
     }
 

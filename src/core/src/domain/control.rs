@@ -155,6 +155,8 @@ pub enum ControlRefused {
     Ended,
     #[error("the call is not connected yet (nothing to hang up or transfer); cancel a call that has not been dialed with POST /v1/calls/{{id}}/cancel")]
     NotConnected,
+    #[error("this Idempotency-Key was used for a different command on this call; use a new key for a new command")]
+    KeyReused,
 }
 
 /// What a command needs next.
@@ -203,6 +205,9 @@ impl Call {
                 .iter_mut()
                 .find(|c| c.idempotency_key.as_ref() == Some(key))
             {
+                if existing.kind != kind {
+                    return Err(ControlRefused::KeyReused);
+                }
                 if existing.outcome != Some(CommandOutcome::NotQueued) {
                     return Ok((existing.clone(), false));
                 }
@@ -345,6 +350,16 @@ mod tests {
         let (again, new) = call
             .request_command(hangup(), Some("k".into()), "cmd_2".into(), now)
             .expect("same");
+        assert_eq!(
+            call.request_command(
+                CommandKind::Hangup { delete_room: true },
+                Some("k".into()),
+                "cmd_4".into(),
+                now
+            ),
+            Err(ControlRefused::KeyReused),
+            "a key names one command"
+        );
         assert!(!new);
         assert_eq!(again.id, first.id);
         assert_eq!(call.commands.len(), 1);
