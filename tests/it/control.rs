@@ -333,3 +333,81 @@ async fn a_lost_transfer_answer_is_reconciled_not_repeated() {
     queues_drained(&fleet, Duration::from_secs(10)).await;
     fleet.stop().await;
 }
+
+/// A ringing outbound call cannot be transferred, and hung up it ends canceled: the dial
+/// it cuts short (waiting for the answer or not) is never retried, whatever the call's
+/// retry policy says.
+#[tokio::test]
+async fn a_ringing_outbound_call_hung_up_is_canceled_not_redialed() {
+    let fleet = TestFleet::start("control-ring", on_rabbit()).await;
+    for (number, wait) in [("+15105550135", true), ("+15105550136", false)] {
+        fleet.emulator.script(
+            number,
+            livekit_emulator::CallScript {
+                outcome: Outcome::Answer,
+                ring_ms: 30_000,
+                talk_ms: None,
+                sip_status: None,
+            },
+        );
+        let id = fleet
+            .submit(
+                json!({"to": number, "wait_until_answered": wait, "max_attempts": 3,
+                           "retry_on": ["no_answer", "unavailable", "busy"], "retry_delay_s": 1}),
+            )
+            .await;
+        let call = eventually("the callee's phone to ring", SLOW, || async {
+            let (_, call) = fleet.get(&format!("/v1/calls/{id}")).await;
+            let dialed = call["attempts"][0]["steps"]["dial_started_at"].is_string();
+            dialed.then_some(call)
+        })
+        .await;
+        let room = call["room_name"].as_str().expect("room").to_owned();
+        // The callee is in the room (ringing) as soon as LiveKit took the dial.
+        eventually("the ringing callee in the room", SLOW, || async {
+            let (_, rooms) = fleet.get_emulator("/emulator/v1/rooms").await;
+            rooms["rooms"]
+                .as_array()?
+                .iter()
+                .find(|r| r["room"]["name"] == room.as_str())
+                .filter(|r| r["participants"].to_string().contains("\"sip-"))
+                .map(|_| ())
+        })
+        .await;
+        let (status, body) = command(
+            &fleet,
+            &id,
+            "transfer",
+            json!({"to": "tel:+15105550199"}),
+            None,
+        )
+        .await;
+        assert_eq!(status, 409, "{body}");
+        let (status, body) = command(&fleet, &id, "hangup", Value::Null, None).await;
+        assert_eq!(status, 202, "{body}");
+        let deadline = tokio::time::Instant::now() + SLOW;
+        let ended = loop {
+            let (_, call) = fleet.get(&format!("/v1/calls/{id}")).await;
+            if call["status"] == "canceled" {
+                break call;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not canceled (waiting for the answer: {wait}): {call:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(ended["end_reason"], "hung_up", "{ended}");
+        assert_eq!(
+            ended["attempts"].as_array().map(Vec::len),
+            Some(1),
+            "{ended}"
+        );
+        // Past the retry delay: still the one dial.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(fleet.dials_to(number).len(), 1, "redialed after a hang-up");
+        assert_eq!(executed(&fleet, "RemoveParticipant", &room), 1);
+    }
+    queues_drained(&fleet, Duration::from_secs(10)).await;
+    fleet.stop().await;
+}

@@ -146,13 +146,14 @@ async fn the_stream_spans_instances_and_resumes_with_last_event_id() {
     let dropping = StreamClient::connect(&second, "", None, API_KEY).await;
 
     let first = fleet.submit(json!({"to": "+15105550140"})).await;
-    let seen = dropping
+    dropping
         .until("the first call to complete on the second ingress", |e| {
             completed(e, &first)
         })
         .await;
-    let resume_from = seen.last().and_then(|e| e.id.clone()).expect("ids");
+    // The last event the client got before it dropped (anything after is for the resume).
     let before = dropping.close();
+    let resume_from = before.last().and_then(|e| e.id.clone()).expect("ids");
 
     // While the client is away, more calls run.
     let mut rest = Vec::new();

@@ -13,6 +13,7 @@
 //! and one receiver may hold only a few of the slots at once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -288,7 +289,15 @@ pub struct CallbackHandler {
     clock: Arc<dyn Clock>,
     client: reqwest::Client,
     settings: CallbackSettings,
-    receivers: Mutex<HashMap<String, Arc<Semaphore>>>,
+    receivers: Mutex<HashMap<String, Arc<Receiver>>>,
+}
+
+/// One receiver's share of a worker's deliveries.
+struct Receiver {
+    slots: Arc<Semaphore>,
+    /// Deliveries in a row that found every slot taken: each waits longer, so callbacks
+    /// queued for a slow receiver do not cycle through the broker every few milliseconds.
+    busy_streak: AtomicU32,
 }
 
 /// How one attempt went.
@@ -320,7 +329,7 @@ impl CallbackHandler {
 
     /// The slots of one receiver (a URL's scheme, host and port: every call's own URL on
     /// one host shares them). Idle receivers are forgotten once many were seen.
-    fn receiver_slots(&self, url: &str) -> Arc<Semaphore> {
+    fn receiver_slots(&self, url: &str) -> Arc<Receiver> {
         let receiver = reqwest::Url::parse(url)
             .map(|u| {
                 format!(
@@ -334,13 +343,14 @@ impl CallbackHandler {
         let full = self.settings.per_receiver.max(1);
         let mut receivers = self.receivers.lock();
         if receivers.len() > MAX_RECEIVERS_KEPT {
-            receivers.retain(|_, slots| slots.available_permits() < full);
+            receivers.retain(|_, r| r.slots.available_permits() < full);
         }
-        Arc::clone(
-            receivers
-                .entry(receiver)
-                .or_insert_with(|| Arc::new(Semaphore::new(full))),
-        )
+        Arc::clone(receivers.entry(receiver).or_insert_with(|| {
+            Arc::new(Receiver {
+                slots: Arc::new(Semaphore::new(full)),
+                busy_streak: AtomicU32::new(0),
+            })
+        }))
     }
 
     async fn record(
@@ -430,13 +440,15 @@ impl CallbackHandler {
             .await;
             return Ok(HandlerOutcome::DeadLetter { reason });
         }
-        let slots = self.receiver_slots(&url);
-        let Ok(_slot) = slots.try_acquire_owned() else {
+        let receiver = self.receiver_slots(&url);
+        let Ok(_slot) = Arc::clone(&receiver.slots).try_acquire_owned() else {
+            let streak = receiver.busy_streak.fetch_add(1, Ordering::Relaxed).min(5);
             return Ok(HandlerOutcome::Defer {
-                after: RECEIVER_BUSY,
+                after: jitter(RECEIVER_BUSY * (1 << streak)),
                 reason: "the receiver has every slot busy".into(),
             });
         };
+        receiver.busy_streak.store(0, Ordering::Relaxed);
         let started = Instant::now();
         let sent = self.send(&url, &secrets, job).await;
         let took = started.elapsed();

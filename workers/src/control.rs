@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use callfleet_core::calls::{ControlJob, Held};
 use callfleet_core::domain::control::{Command, CommandKind, CommandOutcome, CommandStep};
 use callfleet_core::domain::sip_outcome::{ApiFailure, FailureKind};
+use callfleet_core::domain::Direction;
 use callfleet_core::ports::{LiveKitError, Message, TransferRequest, WorkQueue};
 use callfleet_core::telemetry::metrics as m;
 use tracing::Instrument;
@@ -22,7 +23,7 @@ use crate::{Handler, HandlerOutcome};
 /// LiveKit's ringing time for a transfer that names none.
 const DEFAULT_TRANSFER_RINGING: Duration = Duration::from_secs(30);
 /// Pause before retrying a LiveKit request that failed transiently.
-const RETRY_PAUSE: Duration = Duration::from_secs(2);
+const RETRY_PAUSE: Duration = Duration::from_secs(5);
 /// How many times one delivery re-reads a call another writer changed under it.
 const RELOADS: usize = 8;
 
@@ -115,9 +116,39 @@ impl ControlHandler {
         Ok(())
     }
 
+    /// Before hanging up an outbound callee: had they answered? LiveKit's `sip.callStatus`
+    /// says so now; the leave that follows will read `hangup` either way.
+    async fn callee_answered(
+        &self,
+        call: &Held,
+        command: &Command,
+        identity: &str,
+    ) -> Result<Option<bool>, Stop> {
+        let hangup = matches!(command.kind, CommandKind::Hangup { .. });
+        if !hangup || call.direction != Direction::Outbound {
+            return Ok(None);
+        }
+        if call.current_attempt().is_some_and(|a| a.answered) {
+            return Ok(Some(true));
+        }
+        match self
+            .deps
+            .livekit
+            .get_participant(&call.room_name, identity)
+            .await
+        {
+            Ok(Some(p)) => Ok(Some(matches!(
+                p.attributes.get("sip.callStatus").map(String::as_str),
+                Some("active") | Some("automation")
+            ))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(retry(&e)),
+        }
+    }
+
     /// Stamps and sends the command; false when someone else stamped it first (re-read).
     async fn send(&self, held: Held, command: &Command) -> Result<bool, Stop> {
-        let identity = match held.control_target() {
+        let identity = match held.control_target(&command.kind) {
             Ok(identity) => identity,
             Err(_) => {
                 self.finish(held, command, CommandOutcome::CallEnded)
@@ -125,11 +156,14 @@ impl ControlHandler {
                 return Ok(true);
             }
         };
+        let callee_answered = self.callee_answered(&held, command, &identity).await?;
         let now = self.deps.clock.now();
         let (held, stamped) = match self
             .deps
             .calls
-            .update_held(held, |c| c.command_sending(&command.id, now))
+            .update_held(held, |c| {
+                c.command_sending(&command.id, callee_answered, now)
+            })
             .await
             .map_err(InfraError::from)?
         {
@@ -231,7 +265,14 @@ impl ControlHandler {
     ) -> Result<bool, Stop> {
         let ringing = match &command.kind {
             // Idempotent: send it again.
-            CommandKind::Hangup { .. } => return self.resend(held, command).await,
+            CommandKind::Hangup { .. } => {
+                // Ended since: most likely by this very hang-up, whose answer was lost.
+                if held.status.is_terminal() {
+                    self.finish(held, command, CommandOutcome::HungUp).await?;
+                    return Ok(true);
+                }
+                return self.resend(held, command).await;
+            }
             CommandKind::Transfer {
                 ringing_timeout_s, ..
             } => ringing_timeout_s
@@ -250,7 +291,7 @@ impl ControlHandler {
                 reason: "waiting for an earlier transfer request to settle".into(),
             }));
         }
-        let identity = match held.control_target() {
+        let identity = match held.control_target(&command.kind) {
             Ok(identity) => identity,
             // The call ended meanwhile: the transfer took it (or the caller hung up).
             Err(_) => {
@@ -330,14 +371,23 @@ impl Handler for ControlHandler {
         let Ok(job) = ControlJob::parse(&message.body) else {
             return;
         };
+        // The command ends failed, on the call and as its event, so nobody waits for it.
         let now = self.deps.clock.now();
-        let detail = format!("{} {reason}", job.command_id);
-        let _ = self
+        let outcome = CommandOutcome::Failed {
+            reason: reason.to_owned(),
+        };
+        let recorded = self
             .deps
             .calls
             .update(&job.call_id, |c| {
-                c.note(now, "command_dead_lettered", Some(detail.clone()))
+                c.command_done(&job.command_id, outcome.clone(), now)
             })
             .await;
+        if let Ok(Some((call, true))) = recorded {
+            if let Some(command) = call.command(&job.command_id) {
+                metrics::counter!(m::CONTROL_COMMANDS, "kind" => command.kind.label(), "result" => "failed")
+                    .increment(1);
+            }
+        }
     }
 }

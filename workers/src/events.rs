@@ -95,6 +95,7 @@ impl WebhookEventHandler {
             .update(call_id, |call| {
                 after = None;
                 let ended = call.status.is_terminal();
+                let ringing_hung_up = call.hung_up_ringing();
                 let Some(a) = call.current_attempt_mut() else {
                     return false;
                 };
@@ -109,7 +110,7 @@ impl WebhookEventHandler {
                 if a.joined_at.is_none() {
                     a.joined_at = p.joined_at_ms.and_then(millis);
                 }
-                let answered_now = p.was_answered() && !a.answered;
+                let answered_now = p.was_answered() && !a.answered && !ringing_hung_up;
                 if answered_now {
                     a.answered = true;
                     if p.sip_call_status() == Some("active") && !gone {

@@ -13,7 +13,7 @@ use callfleet_core::calls::{wall_time, CallJob};
 use callfleet_core::domain::inbound::is_inbound_call_id;
 use callfleet_core::domain::metadata::snake_case_keys;
 use callfleet_core::domain::phone::E164;
-use callfleet_core::domain::sip_outcome::{ApiFailure, FailureKind};
+use callfleet_core::domain::sip_outcome::{ApiFailure, FailureKind, SipOutcome};
 use callfleet_core::domain::{AttemptEnd, Call, CallStatus, EndDetails, JobTriage};
 use callfleet_core::ports::livekit::DialRequest;
 use callfleet_core::ports::store::RateDecision;
@@ -469,6 +469,27 @@ impl OutboundCallHandler {
         .await
     }
 
+    /// What a failed dial means: as LiveKit's answer says, except that a dial an operator
+    /// hung up (its request then fails `canceled`) is an unanswered end, never a retry.
+    async fn dial_failure_kind(&self, call: &Call, e: &LiveKitError) -> Result<FailureKind, Stop> {
+        let kind = e.kind();
+        if !matches!(kind, FailureKind::Retryable) {
+            return Ok(kind);
+        }
+        let hung_up = self
+            .deps
+            .calls
+            .get(&call.id)
+            .await
+            .map_err(InfraError::from)?
+            .is_some_and(|c| c.hangup_requested());
+        Ok(if hung_up {
+            FailureKind::CallOutcome(SipOutcome::NoAnswer)
+        } else {
+            kind
+        })
+    }
+
     fn dial_request(&self, call: &Call, attempt: u32) -> DialRequest {
         let identity = callfleet_core::domain::participant_identity(&call.id, attempt);
         DialRequest {
@@ -503,9 +524,13 @@ impl OutboundCallHandler {
             metrics::counter!(m::DIALS, "result" => "sent").increment(1);
         })
         .await;
+        let kind = match &result {
+            Err(e) => Some(self.dial_failure_kind(call, e).await?),
+            Ok(_) => None,
+        };
         match result {
             Ok(info) => self.dialed(call, attempt, Dialed::Created(info)).await,
-            Err(e) => match e.kind() {
+            Err(e) => match kind.unwrap_or_else(|| e.kind()) {
                 FailureKind::CallOutcome(outcome) => {
                     let sip_status_code = match &e.failure {
                         ApiFailure::Twirp {

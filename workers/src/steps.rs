@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use callfleet_core::domain::sip_outcome::ApiFailure;
 use callfleet_core::ports::livekit::DialRequest;
 use callfleet_core::ports::{LiveKit, LiveKitError};
 use callfleet_core::ErrorClass;
@@ -137,8 +138,14 @@ pub async fn dial(
         livekit.create_sip_participant(request.clone()).await
     })
     .retry(quick_retries())
-    .when(sent_nothing)
+    // A dial LiveKit canceled was real (an operator hung it up, its room went): the
+    // caller decides what follows, not a redial on the spot.
+    .when(|e| sent_nothing(e) && !is_canceled(e))
     .await
+}
+
+fn is_canceled(e: &LiveKitError) -> bool {
+    matches!(&e.failure, ApiFailure::Twirp { code, .. } if code == "canceled")
 }
 
 /// The participant a dial created, if LiveKit has it (GetParticipant, read-only).

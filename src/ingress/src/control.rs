@@ -24,6 +24,8 @@ use crate::{body_bytes, parse_json, ApiError, IngressState};
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_KEY_LEN: usize = 255;
+/// How long a command may wait in the queue before a repeat queues it again.
+const REQUEUE_AFTER: chrono::Duration = chrono::Duration::seconds(5);
 /// Longest ringing time a transfer may ask for.
 const MAX_RINGING_S: u32 = 600;
 
@@ -155,15 +157,19 @@ async fn take(
         }
         Some((_, Ok(taken))) => taken,
     };
-    // Only a command taken now is queued (a repeat of one whose publish failed counts as
-    // taken now): a repeat of a queued command changes nothing.
-    if new {
+    // A command taken now is queued. So is a repeat of one no worker started for a while:
+    // its first publish may have been lost with the ingress that took it (the worker does a
+    // command once however often it is queued). A started or finished one is left alone.
+    let unstarted = command.sent_at.is_none()
+        && command.outcome.is_none()
+        && now - command.requested_at > REQUEUE_AFTER;
+    if new || unstarted {
         let job = ControlJob {
             call_id: id.clone(),
             command_id: command.id.clone(),
         };
         if let Err(e) = state.broker.publish(job.message()).await {
-            // Recorded as never queued, so a repeat with the same key queues it.
+            // Recorded as never queued (a repeat with the same key queues it).
             let at = state.clock.now();
             let _ = state
                 .calls
@@ -174,8 +180,10 @@ async fn take(
             return Err(unavailable("broker", e));
         }
         metrics::counter!(m::JOBS_ENQUEUED, "queue" => "control").increment(1);
-        metrics::counter!(m::CONTROL_COMMANDS, "kind" => label, "result" => "accepted")
-            .increment(1);
+        if new {
+            metrics::counter!(m::CONTROL_COMMANDS, "kind" => label, "result" => "accepted")
+                .increment(1);
+        }
     }
     Ok(accepted(&id, &command))
 }

@@ -244,6 +244,8 @@ struct Client {
     last_sent: Option<EventId>,
     /// A note to send before anything else (history gap).
     notice: Option<Event>,
+    /// It fell behind the live tail once and caught up from the log.
+    caught_up_once: bool,
     done: bool,
     closing: CancellationToken,
     _connected: ClientGauge,
@@ -334,6 +336,16 @@ impl Client {
                         return Some(event);
                     }
                 }
+                // Fell behind once (a resume reading a long history while the live tail
+                // moved on, a burst): catch up from the log, which costs no memory here.
+                Err(broadcast::error::RecvError::Lagged(_))
+                    if !self.caught_up_once && self.last_sent.is_some() =>
+                {
+                    self.caught_up_once = true;
+                    self.rx = self.rx.resubscribe();
+                    self.history = self.last_sent;
+                }
+                // Behind again: this client cannot keep up.
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     metrics::counter!(m::STREAM_EVENTS_DROPPED).increment(missed);
                     self.done = true;
@@ -406,6 +418,7 @@ pub async fn stream(
         backlog: VecDeque::new(),
         last_sent: resume,
         notice,
+        caught_up_once: false,
         done: false,
         closing: hub.closing.clone(),
         _connected: ClientGauge::new(),

@@ -160,8 +160,9 @@ impl EventLog for RedisEventLog {
         let Some(block) = block.filter(|_| found.is_empty()) else {
             return Ok(found);
         };
-        // Nothing yet: wait for the next one after `after` (or after the newest, `$`).
-        let from = after.map_or_else(|| "$".to_owned(), |id| id.to_string());
+        // Nothing yet: wait for the next one after `after`, or (the log was empty just now)
+        // for the first one: `0-0`, not `$`, so one appended in between is not skipped.
+        let from = after.map_or_else(|| "0-0".to_owned(), |id| id.to_string());
         let mut blocking = self.blocking_conn().await?;
         let reply = tokio::time::timeout(
             block + BLOCK_SLACK,

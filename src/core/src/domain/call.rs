@@ -620,6 +620,11 @@ impl Call {
                 self.end_reason = details.disconnect_reason.or(details.reason);
                 AfterAttempt::Final(CallStatus::Completed)
             }
+            // Hung up by an operator before the callee answered: nothing to retry.
+            AttemptEnd::Unanswered(_) if self.hangup_requested() => {
+                self.end_reason = Some("hung_up".to_owned());
+                AfterAttempt::Final(CallStatus::Canceled)
+            }
             AttemptEnd::Unanswered(outcome) if self.should_retry(outcome) => {
                 let earliest = at + chrono::Duration::seconds(self.retry.retry_delay_s as i64);
                 let due = self.next_dial_time(earliest);

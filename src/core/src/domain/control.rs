@@ -112,6 +112,10 @@ pub enum CommandOutcome {
     CallEnded,
     /// Taken but never queued (the broker was down); the client was told to retry.
     NotQueued,
+    /// LiveKit kept failing until the command was given up (dead-lettered).
+    Failed {
+        reason: String,
+    },
 }
 
 impl CommandOutcome {
@@ -122,6 +126,7 @@ impl CommandOutcome {
             CommandOutcome::TransferFailed { .. } => "transfer_failed",
             CommandOutcome::CallEnded => "call_ended",
             CommandOutcome::NotQueued => "not_queued",
+            CommandOutcome::Failed { .. } => "failed",
         }
     }
 }
@@ -138,6 +143,11 @@ pub struct Command {
     /// Set before the LiveKit request is sent: from then on a repeat must reconcile first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_at: Option<DateTime<Utc>>,
+    /// A hang-up of an outbound call: whether LiveKit said the callee had answered just
+    /// before (`sip.callStatus`). Its leave then reads `hangup` either way, so this is
+    /// what tells a hung-up conversation from a canceled ring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callee_answered: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<CommandOutcome>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,6 +167,8 @@ pub enum ControlRefused {
     NotConnected,
     #[error("this Idempotency-Key was used for a different command on this call; use a new key for a new command")]
     KeyReused,
+    #[error("the callee has not answered yet: a ringing call cannot be transferred (hang it up instead)")]
+    NotAnswered,
 }
 
 /// What a command needs next.
@@ -172,7 +184,9 @@ pub enum CommandStep {
 impl Call {
     /// The SIP participant a command acts on: the caller of an inbound call, the callee
     /// of the current outbound attempt once it was dialed.
-    pub fn control_target(&self) -> Result<String, ControlRefused> {
+    /// A transfer also needs an answered callee: LiveKit cannot transfer a call that is
+    /// still ringing (hang it up instead).
+    pub fn control_target(&self, kind: &CommandKind) -> Result<String, ControlRefused> {
         if self.status.is_terminal() {
             return Err(ControlRefused::Ended);
         }
@@ -183,6 +197,9 @@ impl Call {
                 .map(|leg| leg.participant_identity.clone())
                 .ok_or(ControlRefused::NotConnected),
             Direction::Outbound => match self.current_attempt() {
+                Some(a) if !a.answered && matches!(kind, CommandKind::Transfer { .. }) => {
+                    Err(ControlRefused::NotAnswered)
+                }
                 Some(a) if a.dial_started() && !a.is_over() => Ok(a.participant_identity.clone()),
                 _ => Err(ControlRefused::NotConnected),
             },
@@ -219,13 +236,14 @@ impl Call {
                 return Ok((revived, true));
             }
         }
-        self.control_target()?;
+        self.control_target(&kind)?;
         let command = Command {
             id,
             kind,
             idempotency_key,
             requested_at: at,
             sent_at: None,
+            callee_answered: None,
             outcome: None,
             finished_at: None,
         };
@@ -241,6 +259,15 @@ impl Call {
         );
         self.commands.push(command.clone());
         Ok((command, true))
+    }
+
+    /// Whether an operator asked to hang this call up: a dial it cuts short is not a
+    /// failure to retry, and the call ends `canceled`.
+    pub fn hangup_requested(&self) -> bool {
+        self.commands.iter().any(|c| {
+            matches!(c.kind, CommandKind::Hangup { .. })
+                && c.outcome != Some(CommandOutcome::NotQueued)
+        })
     }
 
     pub fn command(&self, id: &str) -> Option<&Command> {
@@ -262,15 +289,32 @@ impl Call {
         }
     }
 
-    /// Stamps the command as being sent; false if someone already did (or it is done).
-    pub fn command_sending(&mut self, id: &str, at: DateTime<Utc>) -> bool {
+    /// Stamps the command as being sent (with what LiveKit said of the callee, for a
+    /// hang-up); false if someone already did (or it is done).
+    pub fn command_sending(
+        &mut self,
+        id: &str,
+        callee_answered: Option<bool>,
+        at: DateTime<Utc>,
+    ) -> bool {
         match self.command_mut(id) {
             Some(c) if c.outcome.is_none() && c.sent_at.is_none() => {
                 c.sent_at = Some(at);
+                if callee_answered.is_some() {
+                    c.callee_answered = callee_answered;
+                }
                 true
             }
             _ => false,
         }
+    }
+
+    /// An operator hung the callee up while the phone was still ringing: its leave's
+    /// `hangup` is a canceled ring, not the end of an answered call.
+    pub fn hung_up_ringing(&self) -> bool {
+        self.commands.iter().any(|c| {
+            matches!(c.kind, CommandKind::Hangup { .. }) && c.callee_answered == Some(false)
+        })
     }
 
     /// The request surely never reached LiveKit: it may be sent again.
@@ -314,6 +358,9 @@ impl Call {
             CommandOutcome::NotQueued => {
                 self.note(at, "command_not_queued", Some(id.to_owned()));
             }
+            CommandOutcome::Failed { reason } => {
+                self.note(at, "command_failed", Some(format!("{id} {reason}")));
+            }
         }
         true
     }
@@ -330,7 +377,9 @@ mod tests {
     fn connected() -> Call {
         let mut call = sample(Direction::Outbound);
         let now = Utc::now();
-        call.begin_attempt(now).steps.dial_started_at = Some(now);
+        let attempt = call.begin_attempt(now);
+        attempt.steps.dial_started_at = Some(now);
+        attempt.answered = true;
         call.status = CallStatus::InProgress;
         call
     }
@@ -374,6 +423,43 @@ mod tests {
     }
 
     #[test]
+    fn a_ringing_call_can_be_hung_up_not_transferred() {
+        let mut ringing = connected();
+        if let Some(a) = ringing.current_attempt_mut() {
+            a.answered = false;
+        }
+        let now = Utc::now();
+        let to = TransferTarget::parse("sip:desk@pbx.example.com").expect("target");
+        let transfer = CommandKind::Transfer {
+            to,
+            play_dialtone: false,
+            ringing_timeout_s: None,
+            headers: BTreeMap::new(),
+        };
+        assert_eq!(
+            ringing.request_command(transfer, None, "t".into(), now),
+            Err(ControlRefused::NotAnswered)
+        );
+        assert!(!ringing.hangup_requested());
+        assert!(ringing
+            .request_command(hangup(), None, "h".into(), now)
+            .is_ok());
+        assert!(ringing.hangup_requested());
+        // The dial it cuts short ends the call canceled, with no retry.
+        ringing.retry.max_attempts = 3;
+        let after = ringing.end_attempt(
+            crate::domain::AttemptEnd::Unanswered(crate::domain::sip_outcome::SipOutcome::NoAnswer),
+            Default::default(),
+            now,
+        );
+        assert_eq!(
+            after,
+            Some(crate::domain::AfterAttempt::Final(CallStatus::Canceled))
+        );
+        assert_eq!(ringing.end_reason.as_deref(), Some("hung_up"));
+    }
+
+    #[test]
     fn commands_need_a_connected_call_that_has_not_ended() {
         let mut queued = sample(Direction::Outbound);
         let now = Utc::now();
@@ -402,8 +488,8 @@ mod tests {
         };
         call.request_command(kind, None, "t".into(), now)
             .expect("taken");
-        assert!(call.command_sending("t", now));
-        assert!(!call.command_sending("t", now), "stamped once");
+        assert!(call.command_sending("t", None, now));
+        assert!(!call.command_sending("t", None, now), "stamped once");
         assert_eq!(call.command_step("t"), CommandStep::Reconcile(now));
         call.command_not_sent("t");
         assert_eq!(call.command_step("t"), CommandStep::Send);

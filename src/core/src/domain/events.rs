@@ -238,12 +238,43 @@ impl CallEvent {
         format!("{head}{}{tail}", "•".repeat(digits.len() - 4))
     }
 
-    /// This event with its numbers masked.
+    /// This event with its numbers masked, wherever they appear: the numbers themselves,
+    /// and inside the room name (an inbound room is named after its caller) and the
+    /// timeline detail (a transfer target).
     pub fn masked(mut self) -> Self {
         self.to = Self::mask(&self.to);
         self.from = self.from.as_deref().map(Self::mask);
+        self.room_name = self.room_name.as_deref().map(mask_digit_runs);
+        self.entry.detail = self.entry.detail.as_deref().map(mask_digit_runs);
         self
     }
+}
+
+/// Masks every run of 7 or more digits (a phone number, with or without `+`) in `text`,
+/// keeping its last two digits.
+fn mask_digit_runs(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.len() >= 7 {
+            let keep = &run[run.len() - 2..];
+            out.push_str(&"•".repeat(run.len() - 2));
+            out.push_str(keep);
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 #[cfg(test)]
@@ -320,6 +351,17 @@ mod tests {
         );
         assert_eq!(typed(&out, entries::TRANSFERRED), EventType::Transferred);
         assert_eq!(typed(&out, "dispatch_created"), EventType::Updated);
+    }
+
+    #[test]
+    fn numbers_inside_names_and_details_are_masked() {
+        assert_eq!(
+            mask_digit_runs("call_+15105550123_abCD12"),
+            "call_+•••••••••23_abCD12"
+        );
+        assert_eq!(mask_digit_runs("tel:+15105550199"), "tel:+•••••••••99");
+        assert_eq!(mask_digit_runs("603 Decline"), "603 Decline");
+        assert_eq!(mask_digit_runs("cf-01a2b3"), "cf-01a2b3");
     }
 
     #[test]
