@@ -242,6 +242,35 @@ async fn an_inbound_call_is_transferred_once() {
     })
     .await;
     let id = call["id"].as_str().expect("id").to_owned();
+    // A target that declines first: the caller stays with the agent.
+    script_transfer(
+        &fleet,
+        "tel:+15105550187",
+        json!({"outcome": "decline", "after_ms": 100}),
+    )
+    .await;
+    let (status, taken) = command(
+        &fleet,
+        &id,
+        "transfer",
+        json!({"to": "tel:+15105550187"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{taken}");
+    let (call, declined) = finished(&fleet, &id, taken["command_id"].as_str().expect("id")).await;
+    assert_eq!(declined["outcome"]["sip_status"], 603, "{declined}");
+    assert_eq!(call["status"], "in_progress");
+    let (status, body) = command(
+        &fleet,
+        &id,
+        "transfer",
+        json!({"to": "tel:+15105550188", "headers": {"X-Note": "a\r\nX-Evil: 1"}}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "headers.X-Note");
     script_transfer(
         &fleet,
         "tel:+15105550188",
@@ -274,7 +303,7 @@ async fn an_inbound_call_is_transferred_once() {
     assert!(timeline(&ended)
         .iter()
         .any(|l| l == "transferred tel:+15105550188"));
-    assert_eq!(executed(&fleet, "TransferSIPParticipant", &room), 1);
+    assert_eq!(executed(&fleet, "TransferSIPParticipant", &room), 2);
     let (status, _) = command(&fleet, "call_nope", "hangup", Value::Null, None).await;
     assert_eq!(status, 404);
     queues_drained(&fleet, Duration::from_secs(10)).await;

@@ -40,8 +40,9 @@ const DISPATCHER: &str = "callbacks";
 const LEAD_TTL: Duration = Duration::from_secs(10);
 /// Events read per batch.
 const BATCH: usize = 500;
-/// How long a delivered callback's `webhook-id` is remembered.
-const DELIVERED_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long after its last possible retry a delivered callback's `webhook-id` is still
+/// remembered (a republished copy comes within the retry horizon, or a replay soon after).
+const DELIVERED_MARGIN: Duration = Duration::from_secs(24 * 3600);
 /// Receivers whose slots a worker keeps before it forgets the idle ones.
 const MAX_RECEIVERS_KEPT: usize = 1_024;
 /// Wait before a callback whose receiver has every slot busy is tried again.
@@ -454,7 +455,9 @@ impl CallbackHandler {
         let took = started.elapsed();
         match &sent {
             Sent::Status(code) if (200..300).contains(code) => {
-                self.store.claim_key(&delivered, "1", DELIVERED_TTL).await?;
+                let remember =
+                    self.settings.schedule.iter().sum::<Duration>().mul_f64(1.2) + DELIVERED_MARGIN;
+                self.store.claim_key(&delivered, "1", remember).await?;
                 let delay = (self.clock.now() - job.event_at)
                     .to_std()
                     .unwrap_or_default();

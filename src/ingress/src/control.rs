@@ -26,6 +26,8 @@ use crate::{body_bytes, parse_json, ApiError, IngressState};
 const MAX_KEY_LEN: usize = 255;
 /// How long a command may wait in the queue before a repeat queues it again.
 const REQUEUE_AFTER: chrono::Duration = chrono::Duration::seconds(5);
+/// Longest SIP header value a transfer may add to its REFER.
+const MAX_HEADER_VALUE: usize = 1_024;
 /// Longest ringing time a transfer may ask for.
 const MAX_RINGING_S: u32 = 600;
 
@@ -107,7 +109,14 @@ pub async fn transfer(
             ));
         }
     }
-    for name in parsed.headers.keys() {
+    for (name, value) in &parsed.headers {
+        // A line break would end the header early and inject others into the REFER.
+        if value.len() > MAX_HEADER_VALUE || value.contains(['\r', '\n']) {
+            return Err(invalid(
+                &format!("headers.{name}"),
+                format!("must be one line of at most {MAX_HEADER_VALUE} characters"),
+            ));
+        }
         // A header name is a token (RFC 3261); anything else would break the REFER.
         if name.is_empty()
             || !name
