@@ -743,7 +743,7 @@ async fn callbacks_run(
     for _ in 0..WORKERS {
         workers.push(spawn_worker(&prefix, &emulator.url(), &settings, &stop).await?);
     }
-    // The dispatcher starts at the log's newest event the first time it leads.
+    // Let a dispatcher take the lead and read its starting point before events come.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
 
     let book = CallBook::new(Arc::clone(&bench.store));
