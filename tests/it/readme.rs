@@ -135,3 +135,70 @@ async fn the_readme_routing_examples_run_as_written() {
     let _ = std::fs::remove_dir_all(&dir);
     fleet.stop().await;
 }
+
+/// Runs the README's block(s) under `heading` next to `fleet`, in a scratch directory,
+/// with the address, the emulator, the key and the receiver port swapped for the test's.
+async fn run_section(fleet: &TestFleet, heading: &str, name: &str) -> (String, String) {
+    let blocks = shell_blocks(heading);
+    assert!(!blocks.is_empty(), "no shell block under {heading}");
+    let host = fleet.base.trim_start_matches("http://").to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let dir = std::env::temp_dir().join(format!("readme-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut out = (String::new(), String::new());
+    for block in blocks {
+        let script = block
+            .replace("localhost:8080", &host)
+            .replace("http://127.0.0.1:7880", &fleet.emulator_url())
+            .replace("local-dev-key-0001", API_KEY)
+            .replace("9000", &port.to_string())
+            .replace("timeout 60 python3", "timeout 15 python3");
+        let (ok, stdout, stderr) = run(format!("cd {}\n{script}", dir.display())).await;
+        assert!(ok || heading.contains("event stream"), "{stderr}\n{stdout}");
+        out.0.push_str(&stdout);
+        out.1.push_str(&stderr);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+/// The call control, event stream and callback examples, pasted next to a fleet.
+#[tokio::test]
+async fn the_readme_control_stream_and_callback_examples_run_as_written() {
+    let fleet = TestFleet::start("readme-out", FleetOptions::default()).await;
+    let (stdout, stderr) = run_section(&fleet, "### Call control", "control").await;
+    for expected in [
+        "\"hung_up\"",
+        "\"transfer_failed\"",
+        "\"transferred\"",
+        "\"conflict\"",
+        "\"invalid\"",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "{expected} missing:\n{stdout}\n{stderr}"
+        );
+    }
+    let (stdout, stderr) = run_section(&fleet, "### The live event stream", "stream").await;
+    assert!(
+        stdout.contains("event: call.queued") && stdout.contains("event: call.completed"),
+        "{stdout}\n{stderr}"
+    );
+    let (stdout, stderr) = run_section(&fleet, "### Signed callbacks", "callbacks").await;
+    for expected in [
+        "subscription.test",
+        "\"delivered\"",
+        "call.completed",
+        "/call-events",
+        "204",
+    ] {
+        assert!(
+            stdout.contains(expected) || stderr.contains(expected),
+            "{expected} missing:\n{stdout}\n{stderr}"
+        );
+    }
+    fleet.stop().await;
+}
