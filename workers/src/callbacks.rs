@@ -8,12 +8,14 @@
 //! `webhook-id`, so a republished copy is not sent again; a receiver that still sees two
 //! (an answer lost on the way back) sees the same `webhook-id` twice.
 //!
-//! A receiver that is down or slow costs its own callbacks only: deliveries run on their
-//! own worker runtime (never the call jobs' slots), each attempt is bounded by a timeout,
-//! and one receiver may hold only a few of the slots at once.
+//! A receiver that is down or slow costs its own callbacks: deliveries run on their own
+//! worker runtime (never the call jobs' slots), each attempt is bounded by a timeout, and
+//! one receiver may hold only a few of the slots at once (as many callbacks again wait for
+//! them in-process; the rest wait in the broker). With spare CPU the calls go on at their
+//! rate; on a saturated machine retries compete for CPU like any work (README benchmarks).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +31,7 @@ use callfleet_core::ports::{Broker, EventId, EventLog, Message, Store, StoreErro
 use callfleet_core::telemetry::metrics as m;
 use parking_lot::Mutex;
 use rand::Rng;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Handler, HandlerOutcome};
@@ -296,6 +298,8 @@ pub struct CallbackHandler {
 /// One receiver's share of a worker's deliveries.
 struct Receiver {
     slots: Arc<Semaphore>,
+    /// Callbacks waiting in-process for one of `slots`.
+    waiting: AtomicUsize,
     /// Deliveries in a row that found every slot taken: each waits longer, so callbacks
     /// queued for a slow receiver do not cycle through the broker every few milliseconds.
     busy_streak: AtomicU32,
@@ -349,9 +353,34 @@ impl CallbackHandler {
         Arc::clone(receivers.entry(receiver).or_insert_with(|| {
             Arc::new(Receiver {
                 slots: Arc::new(Semaphore::new(full)),
+                waiting: AtomicUsize::new(0),
                 busy_streak: AtomicU32::new(0),
             })
         }))
+    }
+
+    /// One of the receiver's slots: at once, or after waiting in-process for one (at most
+    /// one attempt's timeout) if few others wait for this receiver already. Only callbacks
+    /// beyond that go back through the broker, so a busy receiver neither spins callbacks
+    /// through RabbitMQ nor takes every delivery slot of the worker from other receivers.
+    async fn take_slot(&self, receiver: &Receiver) -> Option<OwnedSemaphorePermit> {
+        if let Ok(slot) = Arc::clone(&receiver.slots).try_acquire_owned() {
+            return Some(slot);
+        }
+        let waiting = receiver.waiting.fetch_add(1, Ordering::AcqRel);
+        let slot = if waiting < self.settings.per_receiver.max(1) {
+            tokio::time::timeout(
+                self.settings.timeout,
+                Arc::clone(&receiver.slots).acquire_owned(),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+        } else {
+            None
+        };
+        receiver.waiting.fetch_sub(1, Ordering::AcqRel);
+        slot
     }
 
     async fn record(
@@ -442,7 +471,7 @@ impl CallbackHandler {
             return Ok(HandlerOutcome::DeadLetter { reason });
         }
         let receiver = self.receiver_slots(&url);
-        let Ok(_slot) = Arc::clone(&receiver.slots).try_acquire_owned() else {
+        let Some(slot) = self.take_slot(&receiver).await else {
             let streak = receiver.busy_streak.fetch_add(1, Ordering::Relaxed).min(5);
             return Ok(HandlerOutcome::Defer {
                 after: jitter(RECEIVER_BUSY * (1 << streak)),
@@ -453,6 +482,9 @@ impl CallbackHandler {
         let started = Instant::now();
         let sent = self.send(&url, &secrets, job).await;
         let took = started.elapsed();
+        // The receiver's part is done: its slot goes to the next callback now, not after
+        // our own bookkeeping below.
+        drop(slot);
         match &sent {
             Sent::Status(code) if (200..300).contains(code) => {
                 let remember =
