@@ -10,8 +10,8 @@
 //!
 //! A receiver that is down or slow costs its own callbacks: deliveries run on their own
 //! worker runtime (never the call jobs' slots), each attempt is bounded by a timeout, and
-//! one receiver may hold only a few of the slots at once (as many callbacks again wait for
-//! them in-process; the rest wait in the broker). With spare CPU the calls go on at their
+//! one receiver may hold only part of the slots at once (a quarter of the worker's slots
+//! at most wait for them in-process; the rest wait in the broker). With spare CPU the calls go on at their
 //! rate; on a saturated machine retries compete for CPU like any work (README benchmarks).
 
 use std::collections::HashMap;
@@ -78,7 +78,7 @@ impl Default for CallbackSettings {
             allow_private: false,
             default_secrets: Vec::new(),
             concurrency: 64,
-            per_receiver: 8,
+            per_receiver: 32,
         }
     }
 }
@@ -367,8 +367,15 @@ impl CallbackHandler {
         if let Ok(slot) = Arc::clone(&receiver.slots).try_acquire_owned() {
             return Some(slot);
         }
+        // Waiters hold delivery slots of the worker too: a quarter of them at most, so other
+        // receivers always have the rest.
+        let may_wait = self
+            .settings
+            .per_receiver
+            .min(self.settings.concurrency / 4)
+            .max(1);
         let waiting = receiver.waiting.fetch_add(1, Ordering::AcqRel);
-        let slot = if waiting < self.settings.per_receiver.max(1) {
+        let slot = if waiting < may_wait {
             tokio::time::timeout(
                 self.settings.timeout,
                 Arc::clone(&receiver.slots).acquire_owned(),

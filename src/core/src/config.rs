@@ -267,7 +267,7 @@ pub struct CallbackConfig {
     pub callback_concurrency: usize,
     /// Callbacks a worker sends at once to one receiver, so a slow one cannot take every
     /// slot from the others.
-    #[arg(long, env = "CALLFLEET_CALLBACK_PER_RECEIVER", default_value_t = 8)]
+    #[arg(long, env = "CALLFLEET_CALLBACK_PER_RECEIVER", default_value_t = 32)]
     pub callback_per_receiver: usize,
     /// Subscriptions to create or replace at start-up: a JSON array of subscription
     /// objects with ids (as `POST /v1/subscriptions` takes them).
