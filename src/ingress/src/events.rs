@@ -380,15 +380,18 @@ pub async fn stream(
     let hub = Arc::clone(&state.events);
     // Subscribed before the history is read, so nothing falls between the two.
     let rx = hub.tx.subscribe();
-    let resume = headers
+    let header = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or(params.last_event_id);
+        .map(str::to_owned);
+    let (field, resume) = match header {
+        Some(id) => ("Last-Event-ID", Some(id)),
+        None => ("last_event_id", params.last_event_id),
+    };
     let resume = match resume.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
         None => None,
         Some(raw) => Some(EventId::parse(raw).ok_or_else(|| ApiError::Invalid {
-            field: "Last-Event-ID".into(),
+            field: field.into(),
             message: format!("{raw:?} is not an event id from this stream (<ms>-<seq>)"),
         })?),
     };

@@ -418,25 +418,34 @@ fn check_subscription_id(id: &str) -> Result<(), FieldError> {
 
 fn parse_event_types(types: &[String], errors: &mut Vec<FieldError>) -> BTreeSet<EventType> {
     let mut out = BTreeSet::new();
+    let expected: Vec<&str> = EventType::ALL
+        .iter()
+        .filter(|t| t.is_callback())
+        .map(|t| t.as_str())
+        .collect();
     for (i, name) in types.iter().enumerate() {
         let field = format!("event_types[{i}]");
         match EventType::parse(name) {
             Some(t) if t.is_callback() => {
                 out.insert(t);
             }
+            Some(EventType::Test) => errors.push(bad(
+                &field,
+                format!(
+                    "{name:?} is only sent by POST /v1/subscriptions/{{id}}/test, never \
+                     subscribed to; expected one of {}",
+                    expected.join(", ")
+                ),
+            )),
             Some(_) => errors.push(bad(
                 &field,
                 format!(
-                    "{name:?} is the live stream's catch-all, not a callback type; \
-                     leave event_types empty to receive every callback type"
+                    "{name:?} is the live stream's catch-all, not a callback type; leave \
+                     event_types empty to receive every callback type, or name some of {}",
+                    expected.join(", ")
                 ),
             )),
             None => {
-                let expected: Vec<&str> = EventType::ALL
-                    .iter()
-                    .filter(|t| t.is_callback())
-                    .map(|t| t.as_str())
-                    .collect();
                 errors.push(bad(
                     &field,
                     format!(
