@@ -604,6 +604,7 @@ async fn start_ingress(
             stream: fleet::StreamSettings {
                 buffer: ingress.stream_buffer,
                 heartbeat: Duration::from_secs(ingress.stream_heartbeat_s),
+                max_clients: ingress.stream_max_clients,
             },
             callbacks: fleet::CallbackPolicy::from_config(callbacks),
         },

@@ -133,6 +133,8 @@ pub struct StreamSettings {
     pub buffer: usize,
     /// Keep-alive comment interval on an idle stream.
     pub heartbeat: Duration,
+    /// Clients served at once.
+    pub max_clients: usize,
 }
 
 impl Default for StreamSettings {
@@ -140,6 +142,7 @@ impl Default for StreamSettings {
         Self {
             buffer: 4_096,
             heartbeat: Duration::from_secs(15),
+            max_clients: 1_000,
         }
     }
 }
@@ -167,6 +170,7 @@ pub fn ingress(
             Arc::clone(&backends.events),
             settings.stream.buffer,
             settings.stream.heartbeat,
+            settings.stream.max_clients,
             stop,
         ),
         number_keys: Arc::new(settings.number_keys),

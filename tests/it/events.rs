@@ -313,3 +313,36 @@ async fn a_client_too_slow_to_keep_up_is_told_and_dropped() {
     assert!(received < 20_000, "received {received}: never fell behind?");
     fleet.stop().await;
 }
+
+/// One ingress serves a bounded number of stream clients: one more is told to come back
+/// (503, Retry-After) and gets in once another left.
+#[tokio::test]
+async fn stream_clients_are_capped_per_ingress() {
+    let fleet = TestFleet::start("events-cap", FleetOptions::default()).await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(StreamClient::connect(&fleet.base, "", None, API_KEY).await);
+    }
+    let refused = fleet
+        .http
+        .get(format!("{}/v1/events", fleet.base))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .expect("reachable");
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().get("retry-after").is_some());
+    drop(clients.pop().map(StreamClient::close));
+    eventually("a freed place", SLOW, || async {
+        let response = fleet
+            .http
+            .get(format!("{}/v1/events", fleet.base))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    fleet.stop().await;
+}

@@ -149,6 +149,7 @@ fn ingress_settings(callbacks: &CallbackSettings, stream_buffer: usize) -> Ingre
         stream: fleet::StreamSettings {
             buffer: stream_buffer,
             heartbeat: Duration::from_secs(1),
+            max_clients: 8,
         },
         callbacks: fleet::CallbackPolicy {
             allow_private: callbacks.allow_private,

@@ -421,6 +421,9 @@ pub struct IngressConfig {
     /// Seconds between keep-alive comments on an idle event stream.
     #[arg(long, env = "CALLFLEET_STREAM_HEARTBEAT_S", default_value_t = 15)]
     pub stream_heartbeat_s: u64,
+    /// Stream clients one ingress serves at once (more are answered 503 with Retry-After).
+    #[arg(long, env = "CALLFLEET_STREAM_MAX_CLIENTS", default_value_t = 1_000)]
+    pub stream_max_clients: usize,
 }
 
 impl IngressConfig {
@@ -455,6 +458,9 @@ impl IngressConfig {
                 "CALLFLEET_STREAM_BUFFER",
                 "must be 16 to 1000000 events",
             ));
+        }
+        if !(1..=100_000).contains(&self.stream_max_clients) {
+            return Err(bad("CALLFLEET_STREAM_MAX_CLIENTS", "must be 1 to 100000"));
         }
         if !(1..=300).contains(&self.stream_heartbeat_s) {
             return Err(bad(

@@ -72,6 +72,8 @@ fn data_json(id: EventId, event: &CallEvent) -> String {
 /// The process's tail of the event log, fanned out to its stream clients.
 pub struct EventHub {
     log: Arc<dyn EventLog>,
+    /// One permit per client served; none left means 503.
+    clients: Arc<tokio::sync::Semaphore>,
     tx: broadcast::Sender<Arc<StreamEvent>>,
     heartbeat: Duration,
     /// Ends every client's stream (the server is stopping).
@@ -87,6 +89,7 @@ impl EventHub {
         log: Arc<dyn EventLog>,
         buffer: usize,
         heartbeat: Duration,
+        max_clients: usize,
         closing: CancellationToken,
     ) -> Arc<Self> {
         let (tx, _) = broadcast::channel(buffer.max(16));
@@ -95,6 +98,7 @@ impl EventHub {
         tokio::spawn(tail(Arc::clone(&log), tx.clone(), stop.clone()));
         Arc::new(Self {
             log,
+            clients: Arc::new(tokio::sync::Semaphore::new(max_clients.max(1))),
             tx,
             heartbeat,
             closing,
@@ -249,6 +253,7 @@ struct Client {
     done: bool,
     closing: CancellationToken,
     _connected: ClientGauge,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 struct ClientGauge;
@@ -378,6 +383,10 @@ pub async fn stream(
     let params = crate::routing::query(params)?;
     let filter = Filter::parse(&params)?;
     let hub = Arc::clone(&state.events);
+    let slot = Arc::clone(&hub.clients).try_acquire_owned().map_err(|_| {
+        tracing::warn!("stream client refused: CALLFLEET_STREAM_MAX_CLIENTS reached");
+        ApiError::Unavailable { retry_after_s: 5 }
+    })?;
     // Subscribed before the history is read, so nothing falls between the two.
     let rx = hub.tx.subscribe();
     let header = headers
@@ -425,6 +434,7 @@ pub async fn stream(
         done: false,
         closing: hub.closing.clone(),
         _connected: ClientGauge::new(),
+        _slot: slot,
     };
     let stream = futures::stream::unfold(client, |mut client| async move {
         client.next().await.map(|event| (Ok(event), client))
