@@ -460,7 +460,7 @@ async fn a_killed_worker_loses_no_callback() {
     .await;
     first.start_kill().expect("SIGKILL");
     let _ = first.wait().await;
-    let _second = fleet.worker_process();
+    let mut second = fleet.worker_process();
     let expected = each_event(&ids, &["call.queued", "call.completed"]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let records = loop {
@@ -497,6 +497,9 @@ async fn a_killed_worker_loses_no_callback() {
         assert_eq!(webhook_ids.len(), 1, "{event:?} came with {webhook_ids:?}");
     }
     queues_drained(&fleet, Duration::from_secs(20)).await;
+    // Gone before the fleet's clean-up, so it cannot declare or write anything after it.
+    let _ = second.start_kill();
+    let _ = second.wait().await;
     fleet.stop().await;
 }
 

@@ -128,7 +128,7 @@ async fn the_stream_spans_instances_and_resumes_with_last_event_id() {
     )
     .await;
     let second = fleet.spawn_ingress().await;
-    let _worker = fleet.worker_process();
+    let mut worker = fleet.worker_process();
     for n in 0..6 {
         fleet.emulator.script(
             &format!("+1510555014{n}"),
@@ -212,6 +212,9 @@ async fn the_stream_spans_instances_and_resumes_with_last_event_id() {
         Some(true)
     );
     queues_drained(&fleet, Duration::from_secs(10)).await;
+    // Gone before the fleet's clean-up, so it cannot declare or write anything after it.
+    let _ = worker.start_kill();
+    let _ = worker.wait().await;
     fleet.stop().await;
 }
 

@@ -233,8 +233,12 @@ pub async fn cleanup_rabbit(prefix: &str) {
     let Ok(ch) = conn.create_channel().await else {
         return;
     };
-    let mut queues: Vec<String> = ["call_jobs", "webhook_events", "control", "dead"]
+    // Every work queue there is (a list written out here once missed a new one, and its
+    // quorum queues piled up on the shared broker run after run), and the parking lot.
+    let mut queues: Vec<String> = callfleet_core::ports::WorkQueue::ALL
         .iter()
+        .map(|q| q.as_str())
+        .chain(["dead"])
         .map(|q| format!("{prefix}.{q}"))
         .collect();
     for tier in callfleet_core::domain::delay::DELAY_TIERS {
