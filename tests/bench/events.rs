@@ -24,6 +24,9 @@
 //! `cargo build --release --example events_bench &&
 //!  target/release/examples/events_bench <stream|callbacks|isolation> [args]`
 
+#[path = "common.rs"]
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -41,11 +44,10 @@ use callfleet_core::domain::subscription::{SigningSecret, Subscription};
 use callfleet_core::domain::CallStatus;
 use callfleet_core::ports::{Broker, EventId};
 use callfleet_workers::{CallbackSettings, InboundSettings, OutboundSettings, SweepSettings};
+use common::{clean_up, Error, AMQP, REDIS};
 use livekit_emulator::{CallScript, Emulator, EmulatorConfig, Outcome};
 use tokio_util::sync::CancellationToken;
 
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const REDIS: &str = "redis://127.0.0.1:6379";
 const KEY: &str = "bench-api-key-0123456789";
 const TRUNK: &str = "ST_bench";
 /// Calls the stream benchmark's changes are spread over.
@@ -56,8 +58,6 @@ const WRITERS: usize = 8;
 const WORKERS: usize = 2;
 /// How long a run waits without progress before it gives up on what is still missing.
 const STALL: Duration = Duration::from_secs(20);
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn now_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
@@ -287,36 +287,6 @@ async fn backends(prefix: &str) -> Result<(Backends, Arc<RabbitBroker>), Error> 
         delivery_limit: 10,
     };
     Ok((backends, broker))
-}
-
-/// Deletes the run's queues (messages included) and keys.
-async fn clean_up(broker: &RabbitBroker, prefix: &str) -> Result<(), Error> {
-    let mut deleted = broker.delete_topology().await;
-    for _ in 0..2 {
-        if deleted.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        deleted = broker.delete_topology().await;
-    }
-    if let Err(e) = deleted {
-        eprintln!("could not delete the queues under {prefix}: {e}");
-    }
-    let client = redis::Client::open(REDIS)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let keys: Vec<String> = {
-        let mut iter: redis::AsyncIter<String> =
-            redis::AsyncCommands::scan_match(&mut conn, format!("{prefix}:*")).await?;
-        let mut keys = Vec::new();
-        while let Some(key) = futures::StreamExt::next(&mut iter).await {
-            keys.push(key?);
-        }
-        keys
-    };
-    for chunk in keys.chunks(1_000) {
-        let _: () = redis::AsyncCommands::del(&mut conn, chunk).await?;
-    }
-    Ok(())
 }
 
 fn defaults() -> CallDefaults {

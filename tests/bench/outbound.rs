@@ -11,25 +11,25 @@
 //! `cargo build --release --bin callfleet --example outbound_bench &&
 //!  target/release/examples/outbound_bench [seconds] [concurrency] [calls]`
 
+#[path = "common.rs"]
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use callfleet_core::adapters::{RabbitBroker, RabbitConfig};
 use callfleet_core::ports::WorkQueue;
+use common::{clean_up, Error, AMQP, REDIS};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use livekit_emulator::{CallScript, Emulator, EmulatorConfig, Faults, MethodFault, Outcome};
 use serde_json::json;
 
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const REDIS: &str = "redis://127.0.0.1:6379";
 const KEY: &str = "bench-api-key-0123456789";
 /// Rounds of (raw ceiling, ingress) measured back to back.
 const ROUNDS: usize = 3;
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -340,38 +340,6 @@ async fn purge_call_jobs(broker: &RabbitBroker) -> Result<(), Error> {
         )
         .await?;
     let _ = conn.close(200, "purged".into()).await;
-    Ok(())
-}
-
-/// Deletes what a run left under `prefix` (hundreds of thousands of messages and records),
-/// so the next run measures the same broker and store.
-async fn clean_up(broker: &RabbitBroker, prefix: &str) -> Result<(), Error> {
-    // A late webhook still being published can make RabbitMQ refuse a queue deletion
-    // once; the next try reconnects.
-    let mut deleted = broker.delete_topology().await;
-    for _ in 0..2 {
-        if deleted.is_ok() {
-            break;
-        }
-        deleted = broker.delete_topology().await;
-    }
-    if let Err(e) = deleted {
-        eprintln!("could not delete the queues under {prefix}: {e}");
-    }
-    let client = redis::Client::open(REDIS)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let keys: Vec<String> = {
-        let mut iter: redis::AsyncIter<String> =
-            redis::AsyncCommands::scan_match(&mut conn, format!("{prefix}*")).await?;
-        let mut keys = Vec::new();
-        while let Some(key) = futures::StreamExt::next(&mut iter).await {
-            keys.push(key?);
-        }
-        keys
-    };
-    for chunk in keys.chunks(1_000) {
-        let _: () = redis::AsyncCommands::del(&mut conn, chunk).await?;
-    }
     Ok(())
 }
 

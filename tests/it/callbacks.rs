@@ -49,6 +49,19 @@ fn by_event(records: &[Received]) -> BTreeMap<(String, String), BTreeSet<String>
     seen
 }
 
+/// Submits `n` calls to `{base}0`, `{base}1`…, each answered and hung up after `talk_ms`.
+async fn answered_calls(fleet: &TestFleet, base: &str, n: usize, talk_ms: u64) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let number = format!("{base}{i}");
+        fleet
+            .emulator
+            .script(&number, script(Outcome::Answer, Some(talk_ms)));
+        ids.push(fleet.submit(json!({"to": number})).await);
+    }
+    ids
+}
+
 /// Every (call, event type) pair the calls `ids` should announce.
 fn each_event(ids: &[String], types: &[&str]) -> BTreeSet<(String, String)> {
     ids.iter()
@@ -445,14 +458,7 @@ async fn a_killed_worker_loses_no_callback() {
     )
     .await;
     let mut first = fleet.worker_process();
-    let mut ids = Vec::new();
-    for n in 0..8 {
-        let number = format!("+1510555019{n}");
-        fleet
-            .emulator
-            .script(&number, script(Outcome::Answer, Some(100)));
-        ids.push(fleet.submit(json!({"to": number})).await);
-    }
+    let ids = answered_calls(&fleet, "+1510555019", 8, 100).await;
     // Some callbacks are in flight at the slow receiver when the worker dies.
     eventually("the first deliveries to start", SLOW, || async {
         (!receiver.received(Some("/k")).await.is_empty()).then_some(())
@@ -582,14 +588,7 @@ async fn a_closed_broker_connection_loses_no_callback() {
                "event_types": ["call.queued", "call.completed"]}),
     )
     .await;
-    let mut ids = Vec::new();
-    for n in 0..6 {
-        let number = format!("+1510555012{n}");
-        fleet
-            .emulator
-            .script(&number, script(Outcome::Answer, Some(200)));
-        ids.push(fleet.submit(json!({"to": number})).await);
-    }
+    let ids = answered_calls(&fleet, "+1510555012", 6, 200).await;
     eventually("the first deliveries", SLOW, || async {
         (!receiver.received(Some("/b")).await.is_empty()).then_some(())
     })

@@ -59,6 +59,21 @@ async fn command(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// Scripts the emulator's answer for the request's target, asks for the transfer (202)
+/// and waits for its outcome: the call, and the command.
+async fn scripted_transfer(
+    fleet: &TestFleet,
+    id: &str,
+    script: Value,
+    request: Value,
+) -> (Value, Value) {
+    let target = request["to"].as_str().expect("a target").to_owned();
+    script_transfer(fleet, &target, script).await;
+    let (status, taken) = command(fleet, id, "transfer", request, None).await;
+    assert_eq!(status, 202, "{taken}");
+    finished(fleet, id, taken["command_id"].as_str().expect("id")).await
+}
+
 /// Waits for the command to have an outcome and returns the call.
 async fn finished(fleet: &TestFleet, id: &str, command_id: &str) -> (Value, Value) {
     eventually(&format!("command {command_id} to finish"), SLOW, || async {
@@ -120,44 +135,26 @@ async fn outbound_transfers_fail_with_their_sip_status_and_a_hangup_ends_the_cal
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["field"], "to");
 
-    script_transfer(
-        &fleet,
-        "tel:+15105550199",
-        json!({"outcome": "decline", "after_ms": 100}),
-    )
-    .await;
-    let (status, taken) = command(
+    let (_, declined) = scripted_transfer(
         &fleet,
         &id,
-        "transfer",
+        json!({"outcome": "decline", "after_ms": 100}),
         json!({"to": "tel:+15105550199"}),
-        None,
     )
     .await;
-    assert_eq!(status, 202, "{taken}");
-    let (_, declined) = finished(&fleet, &id, taken["command_id"].as_str().expect("id")).await;
     assert_eq!(
         declined["outcome"]["result"], "transfer_failed",
         "{declined}"
     );
     assert_eq!(declined["outcome"]["sip_status"], 603);
 
-    script_transfer(
-        &fleet,
-        "sip:desk@pbx.example.com",
-        json!({"outcome": "no_answer"}),
-    )
-    .await;
-    let (status, taken) = command(
+    let (call, unanswered) = scripted_transfer(
         &fleet,
         &id,
-        "transfer",
+        json!({"outcome": "no_answer"}),
         json!({"to": "sip:desk@pbx.example.com", "ringing_timeout_s": 1, "play_dialtone": true}),
-        None,
     )
     .await;
-    assert_eq!(status, 202, "{taken}");
-    let (call, unanswered) = finished(&fleet, &id, taken["command_id"].as_str().expect("id")).await;
     assert_eq!(unanswered["outcome"]["sip_status"], 408, "{unanswered}");
     assert_eq!(
         call["status"], "in_progress",
@@ -243,22 +240,13 @@ async fn an_inbound_call_is_transferred_once() {
     .await;
     let id = call["id"].as_str().expect("id").to_owned();
     // A target that declines first: the caller stays with the agent.
-    script_transfer(
-        &fleet,
-        "tel:+15105550187",
-        json!({"outcome": "decline", "after_ms": 100}),
-    )
-    .await;
-    let (status, taken) = command(
+    let (call, declined) = scripted_transfer(
         &fleet,
         &id,
-        "transfer",
+        json!({"outcome": "decline", "after_ms": 100}),
         json!({"to": "tel:+15105550187"}),
-        None,
     )
     .await;
-    assert_eq!(status, 202, "{taken}");
-    let (call, declined) = finished(&fleet, &id, taken["command_id"].as_str().expect("id")).await;
     assert_eq!(declined["outcome"]["sip_status"], 603, "{declined}");
     assert_eq!(call["status"], "in_progress");
     let (status, body) = command(

@@ -103,6 +103,17 @@ impl StreamClient {
     }
 }
 
+/// `GET /v1/events` with the test key, answered (whatever its status).
+async fn open_stream(fleet: &TestFleet) -> reqwest::Response {
+    fleet
+        .http
+        .get(format!("{}/v1/events", fleet.base))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .expect("reachable")
+}
+
 fn completed(events: &[Sse], id: &str) -> bool {
     events
         .iter()
@@ -280,13 +291,7 @@ async fn a_client_too_slow_to_keep_up_is_told_and_dropped() {
         },
     )
     .await;
-    let response = fleet
-        .http
-        .get(format!("{}/v1/events", fleet.base))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .expect("reachable");
+    let response = open_stream(&fleet).await;
     assert_eq!(response.status(), 200);
     // A call changed 20,000 times while the client reads nothing (about 12 MB of events,
     // more than the sockets between them hold).
@@ -326,25 +331,12 @@ async fn stream_clients_are_capped_per_ingress() {
     for _ in 0..8 {
         clients.push(StreamClient::connect(&fleet.base, "", None, API_KEY).await);
     }
-    let refused = fleet
-        .http
-        .get(format!("{}/v1/events", fleet.base))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .expect("reachable");
+    let refused = open_stream(&fleet).await;
     assert_eq!(refused.status(), 503);
     assert!(refused.headers().get("retry-after").is_some());
     drop(clients.pop().map(StreamClient::close));
     eventually("a freed place", SLOW, || async {
-        let response = fleet
-            .http
-            .get(format!("{}/v1/events", fleet.base))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .ok()?;
-        (response.status() == 200).then_some(())
+        (open_stream(&fleet).await.status() == 200).then_some(())
     })
     .await;
     fleet.stop().await;

@@ -177,6 +177,27 @@ fn encode(target: &str) -> String {
 
 /// An inbound PSTN call from [`CALLER_FROM`] answered in `room` (no trunk or rule: the
 /// caller joins at once, active); its `sip_call_id`.
+/// Dispatches an agent to `room` and waits until it joined; its identity.
+async fn agent_in(e: &RunningEmulator, room: &str) -> String {
+    let (status, v) = twirp(
+        e,
+        "AgentDispatchService",
+        "CreateDispatch",
+        room,
+        json!({"room": room, "agentName": "helper"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    eventually("the agent to join", || async {
+        participants(e, room)
+            .await
+            .into_iter()
+            .find(|p| p["kind"] == "AGENT")
+            .and_then(|p| p["identity"].as_str().map(str::to_owned))
+    })
+    .await
+}
+
 async fn caller_in(e: &RunningEmulator, room: &str) -> String {
     let body = json!({"from": CALLER_FROM, "to": "+15105550100", "room_name": room}).to_string();
     let (status, v) = control(e, reqwest::Method::POST, "/inbound", Some(&body)).await;
@@ -605,23 +626,7 @@ async fn transfers_of_missing_or_non_sip_participants_are_refused() {
         .is_some_and(|m| m.contains("participant does not exist")));
 
     // An agent joins the room: a participant with no SIP session.
-    let (status, v) = twirp(
-        &e,
-        "AgentDispatchService",
-        "CreateDispatch",
-        room,
-        json!({"room": room, "agentName": "helper"}),
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
-    let agent = eventually("the agent to join", || async {
-        participants(&e, room)
-            .await
-            .into_iter()
-            .find(|p| p["kind"] == "AGENT")
-            .and_then(|p| p["identity"].as_str().map(str::to_owned))
-    })
-    .await;
+    let agent = agent_in(&e, room).await;
     let not_sip =
         json!({"roomName": room, "participantIdentity": agent, "transferTo": "tel:+15105550192"});
     let (status, err) = twirp(&e, "SIP", "TransferSIPParticipant", room, not_sip).await;
@@ -890,23 +895,7 @@ async fn deleting_a_room_disconnects_everyone_with_room_deleted_then_finishes_it
     let (e, hooks) = start().await;
     let room = "call-delete";
     caller_in(&e, room).await;
-    let (status, v) = twirp(
-        &e,
-        "AgentDispatchService",
-        "CreateDispatch",
-        room,
-        json!({"room": room, "agentName": "helper"}),
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
-    let agent = eventually("the agent to join", || async {
-        participants(&e, room)
-            .await
-            .into_iter()
-            .find(|p| p["kind"] == "AGENT")
-            .and_then(|p| p["identity"].as_str().map(str::to_owned))
-    })
-    .await;
+    let agent = agent_in(&e, room).await;
 
     let (status, v) = twirp(&e, "RoomService", "DeleteRoom", room, json!({"room": room})).await;
     assert_eq!((status, &v), (200, &json!({})));
