@@ -21,6 +21,8 @@ pub struct MemoryStore {
     state: Arc<Mutex<State>>,
     /// Bumped after every append to the event log (wakes blocked readers).
     appended: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Events the log keeps.
+    event_retention: usize,
 }
 
 impl Default for MemoryStore {
@@ -28,6 +30,7 @@ impl Default for MemoryStore {
         Self {
             state: Arc::default(),
             appended: Arc::new(tokio::sync::watch::channel(0).0),
+            event_retention: super::DEFAULT_EVENT_RETENTION,
         }
     }
 }
@@ -45,7 +48,6 @@ struct State {
     watches: HashMap<String, i64>,
     /// The event log, oldest first, and its readers' cursors.
     events: VecDeque<LoggedEvent>,
-    event_retention: usize,
     cursors: HashMap<String, EventId>,
 }
 
@@ -55,10 +57,8 @@ impl MemoryStore {
     }
 
     /// Keeps the newest `events` events in the log.
-    pub fn with_event_retention(self, events: usize) -> Self {
-        if let Ok(mut s) = self.state.try_lock() {
-            s.event_retention = events.max(1);
-        }
+    pub fn with_event_retention(mut self, events: usize) -> Self {
+        self.event_retention = events.max(1);
         self
     }
 
@@ -79,7 +79,7 @@ impl MemoryStore {
 impl State {
     /// Appends `events` with ids after the newest one (ms of the wall clock, then a
     /// sequence within the millisecond, as Redis streams number entries).
-    fn append(&mut self, events: &[Bytes]) {
+    fn append(&mut self, events: &[Bytes], keep: usize) {
         let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
         for data in events {
             let id = match self.events.back() {
@@ -94,11 +94,6 @@ impl State {
                 data: data.clone(),
             });
         }
-        let keep = if self.event_retention == 0 {
-            super::DEFAULT_EVENT_RETENTION
-        } else {
-            self.event_retention
-        };
         while self.events.len() > keep {
             self.events.pop_front();
         }
@@ -213,7 +208,7 @@ impl Store for MemoryStore {
         if s.records.contains_key(id) {
             return Ok(false);
         }
-        s.append(events);
+        s.append(events, self.event_retention);
         s.records
             .insert(id.to_owned(), Versioned { version: 1, data });
         if let Some(score) = index_score {
@@ -247,7 +242,7 @@ impl Store for MemoryStore {
             }
             _ => return Ok(CasOutcome::Conflict),
         };
-        s.append(events);
+        s.append(events, self.event_retention);
         drop(s);
         self.announce(events.len());
         Ok(CasOutcome::Updated(version))
